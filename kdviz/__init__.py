@@ -1,0 +1,15 @@
+"""kdviz: a Jupyter workbench for knowledge distillation of autoregressive language models.
+
+>>> import kdviz
+>>> pair = kdviz.load_pair("zoo:teacher-l", "zoo:student")   # doctest: +SKIP
+>>> table = kdviz.analyze(pair, "zoo:docstrings", limit=32)    # doctest: +SKIP
+>>> print(table.summary())                                    # doctest: +SKIP
+"""
+
+__version__ = "0.1.0"
+
+from kdviz.analyze import Summary, TokenTable, analyze
+from kdviz.decompose import TokenStats, decompose
+from kdviz.models import ModelPair, load_pair
+
+__all__ = ["ModelPair", "Summary", "TokenStats", "TokenTable", "analyze", "decompose", "load_pair"]

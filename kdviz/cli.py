@@ -1,0 +1,150 @@
+"""`kdviz` command line: analyze, demo, zoo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEMO_TEACHER, DEMO_STUDENT = "zoo:teacher-l", "zoo:student"
+
+EPILOG = """examples:
+  kdviz demo                                   analyze the embedded zoo, write an HTML report
+  kdviz analyze --teacher zoo:teacher-l --student zoo:student --data zoo:docstrings \\
+                --limit 64 --out table.parquet
+  kdviz analyze --teacher Qwen/Qwen2.5-1.5B --student Qwen/Qwen2.5-0.5B \\
+                --data train.jsonl --out table.parquet   (hub ids need network access)
+  kdviz zoo build --tiny --out /tmp/zoo         a micro zoo in under two minutes
+
+Models: a Hugging Face hub id, a local folder saved with save_pretrained, or a zoo name
+(zoo:student, zoo:teacher-s, zoo:teacher-m, zoo:teacher-l).
+Data: zoo:code, zoo:docstrings, a .jsonl file of prompt/response records (Dolly and
+Alpaca layouts are detected), or a text file or folder.
+"""
+
+
+def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--k", type=float, default=0.5, help="fraction of target tokens marked hard (default 0.5)")
+    parser.add_argument("--split", choices=["sequence", "batch", "dataset"], default="sequence",
+                        help="where the hard/easy threshold is computed (default: per sequence)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    parser.add_argument("--top-k", type=int, default=5, help="top-k tokens of each model kept per row (default 5)")
+    parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N examples")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda with bf16 if present)")
+    parser.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdviz",
+        description="Which tokens are hard to teach, and what does each KD objective do to them?",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    analyze = commands.add_parser("analyze", help="per-token uncertainty and TKD/DKD of a teacher/student pair",
+                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    analyze.add_argument("--teacher", required=True, help="teacher model: hub id, local folder or zoo:NAME")
+    analyze.add_argument("--student", required=True, help="student model (same tokenizer as the teacher)")
+    analyze.add_argument("--data", required=True, help="zoo:code, zoo:docstrings, a .jsonl file, or a text file/folder")
+    analyze.add_argument("--out", required=True, help="where to write the token table (.parquet)")
+    analyze.add_argument("--report", default=None, help="also write an offline HTML report here")
+    analyze.add_argument("--prompt-field", default=None, help="JSONL field holding the prompt")
+    analyze.add_argument("--response-field", default=None, help="JSONL field holding the response")
+    analyze.add_argument("--context-field", default=None, help="JSONL field holding optional context/input")
+    analyze.add_argument("--truncate", action="store_true", help="cut responses longer than the context")
+    _add_analysis_options(analyze)
+
+    demo = commands.add_parser("demo", help="analyze zoo:teacher-l vs zoo:student and write an HTML report")
+    demo.add_argument("--out", default="kdviz-out", help="output folder (default ./kdviz-out)")
+    demo.add_argument("--limit", type=int, default=48, help="examples per embedded dataset (default 48)")
+    demo.add_argument("--device", default=None, help="cpu or cuda")
+
+    zoo = commands.add_parser("zoo", help="the embedded model zoo: list or rebuild it")
+    zoo_commands = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
+    zoo_commands.add_parser("list", help="the zoo's models with sizes and held-out losses")
+    build = zoo_commands.add_parser("build", help="train the tokenizer and the model ladder from scratch")
+    build.add_argument("--out", default=None, help="output folder (default: the shipped data/zoo)")
+    build.add_argument("--tiny", action="store_true", help="a micro zoo in under two minutes (for tests)")
+    build.add_argument("--only", nargs="+", default=None, help="build only these models, e.g. student")
+    build.add_argument("--device", default=None, help="cpu or cuda")
+    return parser
+
+
+def run_analyze(args) -> None:
+    from kdviz import analyze, load_pair
+
+    pair = load_pair(args.teacher, args.student, device=args.device)
+    fields = {k: v for k, v in (("prompt_field", args.prompt_field), ("response_field", args.response_field),
+                                ("context_field", args.context_field)) if v}
+    if args.truncate:
+        fields["truncate"] = True
+    table = analyze(pair, args.data, k=args.k, split=args.split, batch_size=args.batch_size, top_k=args.top_k,
+                    temperature=args.temperature, limit=args.limit, cache=not args.no_cache, **fields)
+    out = table.save(args.out)
+    print(table.summary())
+    print(f"\nToken table ({len(table)} rows): {out}")
+    if args.report:
+        from kdviz.report import write_report
+
+        print(f"Report: {write_report(table, args.report)}")
+
+
+def run_demo(args) -> None:
+    import polars as pl
+
+    from kdviz import TokenTable, analyze, load_pair
+    from kdviz.report import write_report
+
+    started = time.perf_counter()
+    pair = load_pair(DEMO_TEACHER, DEMO_STUDENT, device=args.device)
+    tables = []
+    for data in ("zoo:docstrings", "zoo:code"):
+        print(f"Analyzing {DEMO_TEACHER} -> {DEMO_STUDENT} on {data} (first {args.limit} examples)")
+        table = analyze(pair, data, limit=args.limit)
+        tables.append(table.df.with_columns(dataset=pl.lit(data), doc_id=pl.col("doc_id") + len(tables) * 100_000))
+    combined = TokenTable(pl.concat(tables), {**table.meta, "data": f"zoo:docstrings + zoo:code, {args.limit} each"})
+    out = Path(args.out)
+    parquet = combined.save(out / "demo_tokens.parquet")
+    report = write_report(combined, out / "demo_report.html")
+    print()
+    print(combined.summary())
+    print(f"\nDone in {time.perf_counter() - started:.0f} s.")
+    print(f"Report:      {report.resolve()}  (open it in a browser; it works offline)")
+    print(f"Token table: {parquet.resolve()}  (kdviz.TokenTable.load(path))")
+    print("Notebooks:   jupyter lab notebooks/  (start with 01_token_inspector.ipynb)")
+
+
+def run_zoo(args) -> None:
+    from kdviz import zoo
+
+    if args.zoo_command == "build":
+        manifests = zoo.build(args.out, tiny=args.tiny, names=args.only, device=args.device)
+        for m in manifests.values():
+            print(f"{m.name:<16}{m.parameters:>12,} params  held-out loss {m.heldout_loss:.3f}  ({m.train_seconds:.0f} s)")
+        return
+    for name in zoo.names():
+        m = zoo.manifest(name)
+        print(f"{name:<16}{m['parameters']:>12,} params  {m['tokens_seen']:>10,} tokens  held-out loss {m['heldout_loss']:.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handlers = {"analyze": run_analyze, "demo": run_demo, "zoo": run_zoo}
+    if args.command not in handlers:
+        parser.print_help()
+        return 2
+    try:
+        handlers[args.command](args)
+    except ValueError as err:
+        print(f"kdviz {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

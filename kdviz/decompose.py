@@ -1,0 +1,242 @@
+"""Per-token KD quantities: teacher uncertainty and the TKD/DKD decomposition of the KL.
+
+Per position, with teacher logits z, student logits s, target y and temperature tau:
+
+    p = softmax(z / tau), q = softmax(s / tau)
+    u   = 1 - p_y                                  teacher uncertainty
+    TKD = KL([p_y, 1 - p_y] || [q_y, 1 - q_y])     target-oriented part
+    DKD = KL(p^ || q^),  p^_i = p_i / (1 - p_y)    diversity part (i != y)
+    KL(p || q) = TKD + u * DKD                     exact
+
+Everything is computed in log space from two log-sum-exps per model (one over the whole
+vocabulary, one with column y removed), in fp32 whatever the input dtype, one chunk of rows
+at a time, so the extra memory is O(chunk x V) and never several [B, T, V] copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 21  # rows per chunk = this / V (8 MB of fp32 per tensor)
+
+
+@dataclass
+class TokenStats:
+    """Per-token results of `decompose`; every tensor is [B, T] (top-k ones [B, T, k]).
+
+    Positions where `valid` is False (label == ignore_index) hold 0 (ranks -1, top-k ids -1).
+    """
+
+    unc: Tensor  # 1 - p_y, teacher uncertainty
+    tkd: Tensor  # binary KL on the target
+    dkd: Tensor  # KL between non-target distributions
+    kl: Tensor  # KL(p || q) = tkd + unc * dkd
+    rkl: Tensor  # KL(q || p)
+    t_entropy: Tensor  # H(p)
+    s_entropy: Tensor  # H(q)
+    t_logp: Tensor  # log p_y
+    s_logp: Tensor  # log q_y
+    valid: Tensor  # bool, label != ignore_index
+    t_rank: Tensor | None = None  # 1 = the model's top choice; int64
+    s_rank: Tensor | None = None
+    t_topk_ids: Tensor | None = None  # [B, T, k] int64
+    t_topk_probs: Tensor | None = None  # [B, T, k]
+    s_topk_ids: Tensor | None = None
+    s_topk_probs: Tensor | None = None
+
+    def as_dict(self) -> dict[str, Tensor]:
+        """The tensors that are present, by field name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+SCALAR_FIELDS = ("unc", "tkd", "dkd", "kl", "rkl", "t_entropy", "s_entropy", "t_logp", "s_logp")
+
+
+def _check_inputs(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor, temperature: float, ignore_index: int):
+    if teacher_logits.dim() != 3 or teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits {tuple(teacher_logits.shape)} and student_logits {tuple(student_logits.shape)} "
+            "must both be [B, T, V] with the same shape. If the vocab sizes differ, load the pair with "
+            "kdviz.load_pair, which aligns both to the shared tokenizer's vocabulary."
+        )
+    if labels.shape != teacher_logits.shape[:2]:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} must be [B, T] = {tuple(teacher_logits.shape[:2])}; "
+            "shift before calling (logits[:, :-1] predict labels[:, 1:])."
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    vocab = teacher_logits.shape[-1]
+    targets = labels[labels != ignore_index]
+    if targets.numel() and (targets.min() < 0 or targets.max() >= vocab):
+        bad = targets[(targets < 0) | (targets >= vocab)][0].item()
+        raise ValueError(
+            f"label {bad} is outside the vocabulary [0, {vocab}) and is not ignore_index={ignore_index}; "
+            "check that labels come from the same tokenizer as the logits."
+        )
+
+
+def _log_parts(logits: Tensor, target: Tensor, temperature: float, name: str):
+    """Split one chunk's logits around the target. Overwrites `logits` if it is already fp32.
+
+    Returns (log_rest, log_py, log_not_y): log_rest [R, V] = log p^ (-inf at column y),
+    log_py = log p_y and log_not_y = log(1 - p_y), both [R].
+    """
+    x = logits.float()  # (R, V); the caller's chunk copy is reused when already fp32
+    if temperature != 1.0:
+        x.div_(temperature)
+    x_y = x.gather(1, target[:, None]).squeeze(1)  # (R,)
+    x.scatter_(1, target[:, None], float("-inf"))
+    lse_not_y = torch.logsumexp(x, dim=1)  # (R,)
+    gap = lse_not_y - x_y  # log((1 - p_y) / p_y), (R,)
+    if not torch.isfinite(torch.logaddexp(lse_not_y, x_y)).all():
+        raise ValueError(
+            f"{name} logits are not finite (NaN, +inf, or all -inf) at some positions; "
+            "check the model's forward pass (fp16 overflow is a common cause: try bf16 or fp32)."
+        )
+    x.sub_(lse_not_y[:, None])  # log p^, -inf at y
+    # log p_y = -log(1 + e^gap), log(1 - p_y) = -log(1 + e^-gap): exact even when p_y ~ 1
+    return x, -torch.nn.functional.softplus(gap), -torch.nn.functional.softplus(-gap)
+
+
+def _rank(logits: Tensor, target: Tensor) -> Tensor:
+    target_logit = logits.gather(1, target[:, None])
+    return (logits > target_logit).sum(dim=1) + 1
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    return torch.einsum("rv,rv->r", a, b)
+
+
+def _weighted(log_w: Tensor, value: Tensor) -> Tensor:
+    """exp(log_w) * value, with 0 where the weight is exactly 0 (0 * log 0 = 0)."""
+    return torch.where(log_w > float("-inf"), log_w.exp() * value, 0.0)
+
+
+def _binary_kl(log_a: Tensor, log_1ma: Tensor, log_b: Tensor, log_1mb: Tensor) -> Tensor:
+    """KL([a, 1-a] || [b, 1-b]) from log-probabilities."""
+    return _weighted(log_a, log_a - log_b) + _weighted(log_1ma, log_1ma - log_1mb)
+
+
+def _binary_entropy(log_a: Tensor, log_1ma: Tensor) -> Tensor:
+    return -(_weighted(log_a, log_a) + _weighted(log_1ma, log_1ma))
+
+
+def _topk_probs(ids: Tensor, y: Tensor, log_rest: Tensor, log_py: Tensor, log_not_y: Tensor) -> Tensor:
+    """Probabilities of token `ids` [R, k]: p_i = p^_i * (1 - p_y) off the target, p_y on it."""
+    log_probs = log_rest.gather(1, ids) + log_not_y[:, None]
+    return torch.where(ids == y[:, None], log_py[:, None], log_probs).exp()
+
+
+def _chunk_stats(z: Tensor, s: Tensor, y: Tensor, temperature: float, top_k: int) -> dict[str, Tensor]:
+    """All per-token quantities for rows z, s [R, V] (owned copies, overwritten) with targets y [R]."""
+    out = {}
+    if top_k:  # ranks and top-k ids do not change with a positive temperature
+        out["t_rank"], out["s_rank"] = _rank(z, y), _rank(s, y)
+        t_ids, s_ids = z.topk(top_k, dim=1).indices, s.topk(top_k, dim=1).indices
+    log_p_rest, t_logp, t_log_unc = _log_parts(z, y, temperature, "teacher")
+    log_q_rest, s_logp, s_log_unc = _log_parts(s, y, temperature, "student")
+    if top_k:
+        out.update(
+            t_topk_ids=t_ids,
+            s_topk_ids=s_ids,
+            t_topk_probs=_topk_probs(t_ids, y, log_p_rest, t_logp, t_log_unc),
+            s_topk_probs=_topk_probs(s_ids, y, log_q_rest, s_logp, s_log_unc),
+        )
+    p_rest, q_rest = log_p_rest.exp(), log_q_rest.exp()  # (R, V), 0 at y
+    zero_at_y = torch.zeros_like(y, dtype=log_p_rest.dtype)[:, None]
+    log_p_rest.scatter_(1, y[:, None], zero_at_y)  # finite everywhere now
+    log_q_rest.scatter_(1, y[:, None], zero_at_y)
+    log_ratio = log_p_rest - log_q_rest  # (R, V), 0 at y
+    unc, s_unc = t_log_unc.exp(), s_log_unc.exp()
+    tkd = _binary_kl(t_logp, t_log_unc, s_logp, s_log_unc)
+    dkd = _rowdot(p_rest, log_ratio)
+    reverse_tkd = _binary_kl(s_logp, s_log_unc, t_logp, t_log_unc)
+    reverse_dkd = -_rowdot(q_rest, log_ratio)
+    out.update(
+        unc=unc,
+        tkd=tkd,
+        dkd=dkd,
+        kl=tkd + unc * dkd,
+        rkl=reverse_tkd + s_unc * reverse_dkd,
+        t_entropy=_binary_entropy(t_logp, t_log_unc) - unc * _rowdot(p_rest, log_p_rest),
+        s_entropy=_binary_entropy(s_logp, s_log_unc) - s_unc * _rowdot(q_rest, log_q_rest),
+        t_logp=t_logp,
+        s_logp=s_logp,
+    )
+    return out
+
+
+@torch.no_grad()
+def decompose(
+    teacher_logits: Tensor,
+    student_logits: Tensor,
+    labels: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    top_k: int = 0,
+    chunk_rows: int | None = None,
+) -> TokenStats:
+    """Per-token uncertainty, TKD, DKD, KL, reverse KL, entropies and target log-probs.
+
+    Args:
+        teacher_logits, student_logits: [B, T, V], already aligned with `labels` (the
+            caller shifts: logits at t predict labels at t). Any float dtype; math is fp32.
+        labels: [B, T] target ids; `ignore_index` marks positions to skip.
+        top_k: when > 0, also the target's rank and the top-k ids/probs of both models.
+        chunk_rows: rows per streaming chunk (default: about 2M logits per chunk).
+
+    Not differentiable (analysis only); training losses live in `kdviz.losses`.
+
+    >>> import torch
+    >>> z, s = torch.randn(1, 3, 10), torch.randn(1, 3, 10)
+    >>> st = decompose(z, s, torch.tensor([[1, 2, -100]]))
+    >>> bool(torch.allclose(st.kl, st.tkd + st.unc * st.dkd))
+    True
+    """
+    _check_inputs(teacher_logits, student_logits, labels, temperature, ignore_index)
+    batch, seq, vocab = teacher_logits.shape
+    if top_k > vocab:
+        raise ValueError(f"top_k={top_k} exceeds the vocabulary size {vocab}.")
+    valid = labels != ignore_index  # (B, T)
+    rows = valid.reshape(-1).nonzero().squeeze(1)  # (N,)
+    z_flat = teacher_logits.reshape(-1, vocab)
+    s_flat = student_logits.reshape(-1, vocab)
+    y_flat = labels.reshape(-1)
+    step = chunk_rows or max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, len(rows), step):
+        idx = rows[start : start + step]
+        stats = _chunk_stats(z_flat[idx], s_flat[idx], y_flat[idx], temperature, top_k)
+        for key, value in stats.items():
+            parts.setdefault(key, []).append(value)
+    return _assemble(parts, rows, valid, top_k, device=teacher_logits.device)
+
+
+def _assemble(parts: dict[str, list[Tensor]], rows: Tensor, valid: Tensor, top_k: int, device) -> TokenStats:
+    """Scatter per-valid-row results back to [B, T] (0 / -1 where not valid)."""
+    shape = valid.shape
+    result = {}
+    for key in SCALAR_FIELDS:
+        full = torch.zeros(shape.numel(), dtype=torch.float32, device=device)
+        if parts:
+            full[rows] = torch.cat(parts[key])
+        result[key] = full.view(shape)
+    if top_k:
+        for key in ("t_rank", "s_rank"):
+            full = torch.full((shape.numel(),), -1, dtype=torch.long, device=device)
+            if parts:
+                full[rows] = torch.cat(parts[key])
+            result[key] = full.view(shape)
+        for key in ("t_topk_ids", "s_topk_ids", "t_topk_probs", "s_topk_probs"):
+            is_ids = key.endswith("ids")
+            full = torch.full((shape.numel(), top_k), -1 if is_ids else 0, device=device,
+                              dtype=torch.long if is_ids else torch.float32)
+            if parts:
+                full[rows] = torch.cat(parts[key])
+            result[key] = full.view(*shape, top_k)
+    return TokenStats(valid=valid, **result)

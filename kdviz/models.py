@@ -1,0 +1,177 @@
+"""Load a teacher/student pair that shares one tokenizer, and run both on the same batch."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from kdviz import zoo
+
+# Texts both tokenizers must map to the same ids (code, prose, whitespace, non-ASCII).
+PROBE_TEXTS = (
+    "def forward(self, x):\n    return x @ self.weight.T  # (B, T, V)\n",
+    "The teacher's distribution: p = softmax(z / tau), 100% in [0, 1].",
+    "Grüße, 東京, café \t tabs\n\n  and  spaces",
+)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def _load_one(name_or_path, *, device: str, dtype: torch.dtype, trust_remote_code: bool):
+    """(model, tokenizer) from a `zoo:` name, a local folder or a Hugging Face hub id."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise ValueError(
+            f"Expected a model name or path (str), got {type(name_or_path).__name__}; "
+            "to use models already in memory, build ModelPair(teacher, student, tokenizer) directly."
+        )
+    name = str(name_or_path)
+    if name.startswith(zoo.PREFIX):
+        model, tokenizer = zoo.load(name, device=device, dtype=dtype)
+        return model, tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise ValueError(
+            f"Could not load model {name!r}: {err}\nGive a local folder saved with save_pretrained, a "
+            f"Hugging Face hub id (needs network access), or a zoo name ({', '.join(zoo.names())})."
+        ) from err
+    return model.to(device).eval(), tokenizer
+
+
+def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> int:
+    """The shared vocabulary size; ValueError when the tokenizers map text to different ids."""
+    t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    for text in PROBE_TEXTS:
+        t_ids = teacher_tokenizer(text, add_special_tokens=False)["input_ids"]
+        s_ids = student_tokenizer(text, add_special_tokens=False)["input_ids"]
+        if t_ids != s_ids:
+            raise ValueError(
+                f"The teacher and student tokenizers map the same text to different ids "
+                f"(teacher vocab {len(t_vocab)}, student vocab {len(s_vocab)}): {text[:30]!r} -> "
+                f"{t_ids[:8]} vs {s_ids[:8]}. Token-level KD compares distributions over one shared "
+                "vocabulary, so both models must use the same tokenizer: pick a student from the "
+                "teacher's family (e.g. Qwen2.5-7B -> Qwen2.5-0.5B) or retokenize and retrain one of them."
+            )
+    if t_vocab != s_vocab:
+        only = sorted(set(t_vocab.items()) ^ set(s_vocab.items()))[:5]
+        raise ValueError(
+            f"The teacher and student tokenizers have different vocabularies ({len(t_vocab)} vs "
+            f"{len(s_vocab)} entries; first differences {only}). Token-level KD needs one shared "
+            "vocabulary: use a teacher and student of the same tokenizer family."
+        )
+    return len(teacher_tokenizer)
+
+
+def context_length(model) -> int | None:
+    """The model's maximum sequence length from its config, or None if it does not say."""
+    config = model.config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fingerprint(model) -> str:
+    """A short hash of a model's config and a strided sample of every parameter tensor."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, param in model.state_dict().items():
+        flat = param.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+        h.update(name.encode() + str(tuple(param.shape)).encode() + sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class ModelPair:
+    """A frozen teacher and a student over one tokenizer; logits cut to the shared vocab."""
+
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    tokenizer: object
+    vocab_size: int | None = None
+    teacher_name: str = ""
+    student_name: str = ""
+
+    def __post_init__(self):
+        if self.vocab_size is None:
+            self.vocab_size = len(self.tokenizer)
+        self.teacher_name = self.teacher_name or getattr(self.teacher.config, "name_or_path", "") or "teacher"
+        self.student_name = self.student_name or getattr(self.student.config, "name_or_path", "") or "student"
+        for role, model in (("teacher", self.teacher), ("student", self.student)):
+            rows = model.get_output_embeddings().weight.shape[0]
+            if rows < self.vocab_size:
+                raise ValueError(
+                    f"The {role} has {rows} output rows but the tokenizer has {self.vocab_size} tokens; "
+                    "its logits cannot cover the vocabulary. Use the tokenizer the model was trained with."
+                )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.student.parameters()).device
+
+    @cached_property
+    def max_length(self) -> int | None:
+        """The shorter context of the two models (None when neither config says)."""
+        lengths = [n for n in (context_length(self.teacher), context_length(self.student)) if n]
+        return min(lengths) if lengths else None
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return f"{fingerprint(self.teacher)}-{fingerprint(self.student)}"
+
+    @torch.inference_mode()
+    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(teacher, student) logits [B, T, V_shared] for a padded batch (either padding side)."""
+        if self.max_length and input_ids.shape[1] > self.max_length:
+            raise ValueError(
+                f"Cannot run a sequence of {input_ids.shape[1]} tokens: the models' context is only "
+                f"{self.max_length}. Window the text (kdviz.data does so for plain text) or shorten it."
+            )
+        position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        teacher = self.teacher(**kwargs).logits[..., : self.vocab_size]
+        student = self.student(**kwargs).logits[..., : self.vocab_size]
+        return teacher, student
+
+
+def load_pair(
+    teacher: str | os.PathLike,
+    student: str | os.PathLike,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> ModelPair:
+    """Load teacher and student (hub id, local folder or ``zoo:`` name) in eval mode.
+
+    cuda with bf16 when there is a GPU, else cpu with fp32. The two tokenizers must map text
+    to the same ids; padded vocab sizes that differ within a family (151936 vs 152064) are
+    aligned to the shared tokenizer's vocabulary.
+
+    >>> pair = load_pair("zoo:teacher-l", "zoo:student")  # doctest: +SKIP
+    """
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    t_model, t_tok = _load_one(teacher, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    s_model, s_tok = _load_one(student, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    vocab = check_same_tokenizer(t_tok, s_tok)
+    for model in (t_model, s_model):
+        model.requires_grad_(False)
+    return ModelPair(teacher=t_model, student=s_model, tokenizer=s_tok, vocab_size=vocab,
+                     teacher_name=str(teacher), student_name=str(student))

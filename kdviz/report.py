@@ -1,0 +1,87 @@
+"""A self-contained HTML report of a TokenTable (plotly inlined: opens offline, no CDN)."""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+import plotly.graph_objects as go
+import polars as pl
+
+from kdviz.analyze import TokenTable
+
+GROUP_COLORS = {"hard": "#d62728", "easy": "#1f77b4"}
+MAX_SCATTER_POINTS = 4000
+
+
+def _groups(table: TokenTable):
+    targets = table.targets
+    return {"hard": targets.filter(pl.col("hard")), "easy": targets.filter(~pl.col("hard"))}
+
+
+def uncertainty_histogram(table: TokenTable) -> go.Figure:
+    fig = go.Figure()
+    for name, df in _groups(table).items():
+        fig.add_histogram(x=df["unc"].to_list(), name=f"{name} ({df.height})", marker_color=GROUP_COLORS[name],
+                          nbinsx=50, opacity=0.75)
+    fig.update_layout(barmode="overlay", title="Teacher uncertainty u = 1 - p(target)",
+                      xaxis_title="u", yaxis_title="tokens")
+    return fig
+
+
+def kl_parts_bar(table: TokenTable) -> go.Figure:
+    """Total TKD and u*DKD per group: where the KL of each group comes from."""
+    names, tkd, weighted = [], [], []
+    for name, df in _groups(table).items():
+        names.append(name)
+        tkd.append(df["tkd"].sum())
+        weighted.append((df["unc"] * df["dkd"]).sum())
+    fig = go.Figure([go.Bar(name="TKD", x=names, y=tkd), go.Bar(name="u * DKD", x=names, y=weighted)])
+    fig.update_layout(barmode="stack", title="Sum of KL = TKD + u * DKD, by group", yaxis_title="nats")
+    return fig
+
+
+def uncertainty_dkd_scatter(table: TokenTable) -> go.Figure:
+    fig = go.Figure()
+    for name, df in _groups(table).items():
+        if df.height > MAX_SCATTER_POINTS // 2:
+            df = df.sample(MAX_SCATTER_POINTS // 2, seed=0)
+        fig.add_scattergl(x=df["unc"].to_list(), y=df["dkd"].to_list(), mode="markers", name=name,
+                          marker=dict(color=GROUP_COLORS[name], size=4, opacity=0.6),
+                          text=df["token"].to_list(), hovertemplate="%{text}<br>u=%{x:.3f}<br>DKD=%{y:.3f}")
+    fig.update_layout(title="Uncertainty vs DKD (each point a token)", xaxis_title="u", yaxis_title="DKD (nats)")
+    return fig
+
+
+def worst_tokens_html(table: TokenTable, n: int = 20) -> str:
+    worst = table.targets.sort("kl", descending=True).head(n)
+    rows = "".join(
+        f"<tr><td>{html.escape(r['source'])}</td><td>{r['position']}</td><td><code>{html.escape(r['token'])}</code></td>"
+        f"<td>{r['unc']:.3f}</td><td>{r['tkd']:.3f}</td><td>{r['dkd']:.3f}</td><td>{r['kl']:.3f}</td>"
+        f"<td>{'hard' if r['hard'] else 'easy'}</td></tr>"
+        for r in worst.iter_rows(named=True)
+    )
+    head = "".join(f"<th>{h}</th>" for h in ("source", "pos", "token", "u", "TKD", "DKD", "KL", "group"))
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def write_report(table: TokenTable, path: str | os.PathLike) -> Path:
+    """Write the summary, three figures and the worst tokens to one offline HTML file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figures = [uncertainty_histogram(table), kl_parts_bar(table), uncertainty_dkd_scatter(table)]
+    parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
+    meta = table.meta
+    title = f"kdviz: {meta.get('teacher', 'teacher')} -> {meta.get('student', 'student')}"
+    body = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} pre{{background:#f6f6f6;padding:1em}}
+table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px}}</style></head>
+<body><h1>{html.escape(title)}</h1><p>Data: {html.escape(str(meta.get('data', '')))}</p>
+<pre>{html.escape(str(table.summary()))}</pre>
+{''.join(parts)}
+<h2>Tokens with the largest KL</h2>{worst_tokens_html(table)}
+</body></html>"""
+    path.write_text(body, encoding="utf-8")
+    return path

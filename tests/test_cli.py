@@ -1,0 +1,52 @@
+import json
+import re
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+
+from kdviz import TokenTable
+from kdviz.cli import main
+
+
+def test_help_explains_models_and_data(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["analyze", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for expected in ("--teacher", "--student", "--data", "--out", "zoo:docstrings", "Dolly"):
+        assert expected in text
+
+
+def test_analyze_end_to_end(tmp_path, model_dirs, monkeypatch):
+    monkeypatch.setenv("KDVIZ_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Echo {i}", "input": "", "output": "the teacher"}) + "\n"
+                            for i in range(5)))
+    out = tmp_path / "t.parquet"
+    command = [sys.executable, "-m", "kdviz.cli", "analyze", "--teacher", str(model_dirs["teacher"]),
+               "--student", str(model_dirs["student"]), "--data", str(data), "--out", str(out),
+               "--k", "0.4", "--report", str(tmp_path / "r.html")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "hard" in result.stdout and str(out) in result.stdout
+    table = TokenTable.load(out)
+    assert table.meta["k"] == 0.4 and table.df.filter(pl.col("is_response")).height > 0
+    report = (tmp_path / "r.html").read_text()
+    assert not re.search(r"<script[^>]*src=", report), "the report must not load scripts from a CDN"
+    assert len(report) > 1_000_000 and "Plotly.newPlot" in report  # plotly.js is inlined
+
+
+def test_bad_input_exits_with_message(tmp_path, model_dirs, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n")
+    code = main(["analyze", "--teacher", str(model_dirs["teacher"]), "--student", str(model_dirs["student"]),
+                 "--data", str(bad), "--out", str(tmp_path / "x.parquet"), "--no-cache"])
+    assert code == 2
+    assert "bad.jsonl:1: not valid JSON" in capsys.readouterr().err
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "analyze" in capsys.readouterr().out
