@@ -79,27 +79,51 @@ def _check_inputs(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor
         )
 
 
-def _log_parts(logits: Tensor, target: Tensor, temperature: float, name: str):
-    """Split one chunk's logits around the target. Overwrites `logits` if it is already fp32.
+class _Workspace:
+    """Reusable fp32 [rows, V] buffers: one allocation per decompose call, not per chunk."""
 
-    Returns (log_rest, log_py, log_not_y): log_rest [R, V] = log p^ (-inf at column y),
-    log_py = log p_y and log_not_y = log(1 - p_y), both [R].
+    def __init__(self, rows: int, vocab: int, device):
+        self.rows, self.vocab, self.device = rows, vocab, device
+        self.buffers: dict[str, Tensor] = {}
+
+    def take(self, name: str, rows: int) -> Tensor:
+        if name not in self.buffers:
+            self.buffers[name] = torch.empty(self.rows, self.vocab, dtype=torch.float32, device=self.device)
+        return self.buffers[name][:rows]
+
+    def load(self, name: str, source: Tensor, index: Tensor) -> Tensor:
+        """Rows `index` of `source` [N, V] as fp32, in this workspace."""
+        buffer = self.take(name, len(index))
+        if source.dtype == torch.float32:
+            return torch.index_select(source, 0, index, out=buffer)
+        return buffer.copy_(source.index_select(0, index))
+
+
+def _log_parts(x: Tensor, target: Tensor, temperature: float, name: str, rest: Tensor):
+    """Split one chunk's fp32 logits `x` [R, V] around the target; overwrites `x` and `rest`.
+
+    Returns (log_rest, rest, log_py, log_not_y): log_rest [R, V] = log p^ (-inf at column y),
+    rest = p^ (0 at y), log_py = log p_y and log_not_y = log(1 - p_y), both [R].
+    One exp per element: p^ reuses the exponentials of the log-sum-exp.
     """
-    x = logits.float()  # (R, V); the caller's chunk copy is reused when already fp32
     if temperature != 1.0:
         x.div_(temperature)
     x_y = x.gather(1, target[:, None]).squeeze(1)  # (R,)
     x.scatter_(1, target[:, None], float("-inf"))
-    lse_not_y = torch.logsumexp(x, dim=1)  # (R,)
-    gap = lse_not_y - x_y  # log((1 - p_y) / p_y), (R,)
-    if not torch.isfinite(torch.logaddexp(lse_not_y, x_y)).all():
+    row_max = x.amax(dim=1, keepdim=True)  # (R, 1), max over the non-target columns
+    x.sub_(row_max)
+    torch.exp(x, out=rest)  # (R, V), unnormalised p^
+    total = rest.sum(dim=1, keepdim=True)  # (R, 1)
+    rest.div_(total)
+    x.sub_(total.log())  # log p^
+    gap = (row_max + total.log()).squeeze(1) - x_y  # lse_not_y - z_y = log((1 - p_y) / p_y), (R,)
+    if torch.isnan(gap).any() or (x_y == float("inf")).any():
         raise ValueError(
             f"{name} logits are not finite (NaN, +inf, or all -inf) at some positions; "
             "check the model's forward pass (fp16 overflow is a common cause: try bf16 or fp32)."
         )
-    x.sub_(lse_not_y[:, None])  # log p^, -inf at y
     # log p_y = -log(1 + e^gap), log(1 - p_y) = -log(1 + e^-gap): exact even when p_y ~ 1
-    return x, -torch.nn.functional.softplus(gap), -torch.nn.functional.softplus(-gap)
+    return x, rest, -torch.nn.functional.softplus(gap), -torch.nn.functional.softplus(-gap)
 
 
 def _rank(logits: Tensor, target: Tensor) -> Tensor:
@@ -107,8 +131,9 @@ def _rank(logits: Tensor, target: Tensor) -> Tensor:
     return (logits > target_logit).sum(dim=1) + 1
 
 
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    return torch.einsum("rv,rv->r", a, b)
+def _rowdot(a: Tensor, b: Tensor, scratch: Tensor) -> Tensor:
+    """Row-wise dot product (R,); mul into a reused buffer + sum beats einsum/bmm on CPU."""
+    return torch.mul(a, b, out=scratch).sum(dim=1)
 
 
 def _weighted(log_w: Tensor, value: Tensor) -> Tensor:
@@ -131,14 +156,15 @@ def _topk_probs(ids: Tensor, y: Tensor, log_rest: Tensor, log_py: Tensor, log_no
     return torch.where(ids == y[:, None], log_py[:, None], log_probs).exp()
 
 
-def _chunk_stats(z: Tensor, s: Tensor, y: Tensor, temperature: float, top_k: int) -> dict[str, Tensor]:
-    """All per-token quantities for rows z, s [R, V] (owned copies, overwritten) with targets y [R]."""
+def _chunk_stats(z: Tensor, s: Tensor, y: Tensor, temperature: float, top_k: int, ws: _Workspace) -> dict[str, Tensor]:
+    """All per-token quantities for fp32 rows z, s [R, V] (workspace buffers, overwritten), targets y [R]."""
     out = {}
+    rows = len(y)
     if top_k:  # ranks and top-k ids do not change with a positive temperature
         out["t_rank"], out["s_rank"] = _rank(z, y), _rank(s, y)
         t_ids, s_ids = z.topk(top_k, dim=1).indices, s.topk(top_k, dim=1).indices
-    log_p_rest, t_logp, t_log_unc = _log_parts(z, y, temperature, "teacher")
-    log_q_rest, s_logp, s_log_unc = _log_parts(s, y, temperature, "student")
+    log_p_rest, p_rest, t_logp, t_log_unc = _log_parts(z, y, temperature, "teacher", ws.take("p", rows))
+    log_q_rest, q_rest, s_logp, s_log_unc = _log_parts(s, y, temperature, "student", ws.take("q", rows))
     if top_k:
         out.update(
             t_topk_ids=t_ids,
@@ -146,24 +172,24 @@ def _chunk_stats(z: Tensor, s: Tensor, y: Tensor, temperature: float, top_k: int
             t_topk_probs=_topk_probs(t_ids, y, log_p_rest, t_logp, t_log_unc),
             s_topk_probs=_topk_probs(s_ids, y, log_q_rest, s_logp, s_log_unc),
         )
-    p_rest, q_rest = log_p_rest.exp(), log_q_rest.exp()  # (R, V), 0 at y
     zero_at_y = torch.zeros_like(y, dtype=log_p_rest.dtype)[:, None]
     log_p_rest.scatter_(1, y[:, None], zero_at_y)  # finite everywhere now
     log_q_rest.scatter_(1, y[:, None], zero_at_y)
-    log_ratio = log_p_rest - log_q_rest  # (R, V), 0 at y
+    log_ratio = torch.sub(log_p_rest, log_q_rest, out=ws.take("ratio", rows))  # (R, V), 0 at y
+    scratch = ws.take("scratch", rows)
     unc, s_unc = t_log_unc.exp(), s_log_unc.exp()
     tkd = _binary_kl(t_logp, t_log_unc, s_logp, s_log_unc)
-    dkd = _rowdot(p_rest, log_ratio)
+    dkd = _rowdot(p_rest, log_ratio, scratch)
     reverse_tkd = _binary_kl(s_logp, s_log_unc, t_logp, t_log_unc)
-    reverse_dkd = -_rowdot(q_rest, log_ratio)
+    reverse_dkd = -_rowdot(q_rest, log_ratio, scratch)
     out.update(
         unc=unc,
         tkd=tkd,
         dkd=dkd,
         kl=tkd + unc * dkd,
         rkl=reverse_tkd + s_unc * reverse_dkd,
-        t_entropy=_binary_entropy(t_logp, t_log_unc) - unc * _rowdot(p_rest, log_p_rest),
-        s_entropy=_binary_entropy(s_logp, s_log_unc) - s_unc * _rowdot(q_rest, log_q_rest),
+        t_entropy=_binary_entropy(t_logp, t_log_unc) - unc * _rowdot(p_rest, log_p_rest, scratch),
+        s_entropy=_binary_entropy(s_logp, s_log_unc) - s_unc * _rowdot(q_rest, log_q_rest, scratch),
         t_logp=t_logp,
         s_logp=s_logp,
     )
@@ -207,11 +233,13 @@ def decompose(
     z_flat = teacher_logits.reshape(-1, vocab)
     s_flat = student_logits.reshape(-1, vocab)
     y_flat = labels.reshape(-1)
-    step = chunk_rows or max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
+    step = min(chunk_rows or max(1, DEFAULT_CHUNK_ELEMENTS // vocab), max(1, len(rows)))
+    ws = _Workspace(step, vocab, teacher_logits.device)
     parts: dict[str, list[Tensor]] = {}
     for start in range(0, len(rows), step):
         idx = rows[start : start + step]
-        stats = _chunk_stats(z_flat[idx], s_flat[idx], y_flat[idx], temperature, top_k)
+        z, s = ws.load("z", z_flat, idx), ws.load("s", s_flat, idx)
+        stats = _chunk_stats(z, s, y_flat[idx], temperature, top_k, ws)
         for key, value in stats.items():
             parts.setdefault(key, []).append(value)
     return _assemble(parts, rows, valid, top_k, device=teacher_logits.device)

@@ -1,7 +1,11 @@
 """Tiny random models and tokenizers made on the fly: nothing is downloaded."""
 
+import os
+
 import pytest
 import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
 from kdviz.zoo import train_tokenizer
 

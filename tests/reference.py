@@ -34,3 +34,61 @@ def reference_stats(teacher_logits, student_logits, labels, temperature=1.0):
         "t_logp": log_p.gather(-1, y).squeeze(-1),
         "s_logp": log_q.gather(-1, y).squeeze(-1),
     }
+
+
+def _probs(student_logits, teacher_logits, temperature):
+    return torch.softmax(teacher_logits.double() / temperature, -1), torch.softmax(student_logits.double() / temperature, -1)
+
+
+def _kl_probs(a, b):
+    return (a * (a.log() - b.log())).sum(-1)
+
+
+def reference_token_loss(name, student_logits, teacher_logits, labels, params):
+    """Per-token loss [N] over valid tokens, written from probabilities in float64."""
+    valid = labels != -100
+    p, q = _probs(student_logits[valid], teacher_logits[valid], params.get("temperature", 1.0))
+    if name == "fkl":
+        return _kl_probs(p, q)
+    if name == "rkl":
+        return _kl_probs(q, p)
+    if name == "jsd":
+        beta = params["beta"]
+        m = beta * p + (1 - beta) * q
+        return beta * _kl_probs(p, m) + (1 - beta) * _kl_probs(q, m)
+    if name == "tvd":
+        return 0.5 * (p - q).abs().sum(-1)
+    if name == "skl":
+        return _kl_probs(p, params["alpha"] * p + (1 - params["alpha"]) * q)
+    if name == "srkl":
+        return _kl_probs(q, params["alpha"] * q + (1 - params["alpha"]) * p)
+    if name == "dkd":
+        stats = reference_stats(teacher_logits, student_logits, labels, params["temperature"])
+        return (params["alpha"] * stats["tkd"] + params["beta"] * stats["dkd"])[valid] * params["temperature"] ** 2
+    raise KeyError(name)
+
+
+def official_style_atkd(student_logits, teacher_logits, labels, lam=0.2, k=0.5, base="fkl"):
+    """ATKD the way the official code computes it: softmaxes, gt/other masks, masked_select copies."""
+    mask = (labels != -100)[..., None]
+    vocab = student_logits.shape[-1]
+    s = torch.masked_select(student_logits, mask).view(-1, vocab)
+    t = torch.masked_select(teacher_logits, mask).view(-1, vocab)
+    y = torch.masked_select(labels, mask[..., 0])
+    gt_mask = torch.nn.functional.one_hot(y, vocab).to(s.dtype)
+    other_mask = 1 - gt_mask
+    p, q = torch.softmax(t, -1), torch.softmax(s, -1)
+    p_gt, q_gt = (p * gt_mask).sum(-1), (q * gt_mask).sum(-1)
+    p_other, q_other = (p * other_mask).sum(-1), (q * other_mask).sum(-1)
+    unc = 1 - p_gt.detach()
+    hard = unc >= torch.quantile(unc, 1 - k)
+    log_p_hat = torch.log_softmax(t - 1000.0 * gt_mask, -1)
+    log_q_hat = torch.log_softmax(s - 1000.0 * gt_mask, -1)
+    if base == "fkl":
+        tkd = p_gt * (p_gt / q_gt).log() + p_other * (p_other / q_other).log()
+        dkd = (log_p_hat.exp() * (log_p_hat - log_q_hat)).sum(-1)
+    else:
+        tkd = q_gt * (q_gt / p_gt).log() + q_other * (q_other / p_other).log()
+        dkd = (log_q_hat.exp() * (log_q_hat - log_p_hat)).sum(-1)
+    easy_part = dkd[~hard].mean() if (~hard).any() else dkd.sum() * 0
+    return lam * easy_part + (1 - lam) * (tkd + dkd)[hard].mean()

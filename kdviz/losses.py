@@ -1,0 +1,267 @@
+"""KD objectives: one per-token function each, a registry, and a chunked (fused) path.
+
+>>> import torch
+>>> loss_fn = get_loss("atkd", lam=0.2, k=0.5)
+>>> student, teacher = torch.randn(2, 5, 11, requires_grad=True), torch.randn(2, 5, 11)
+>>> loss = loss_fn(student, teacher, torch.randint(11, (2, 5)))
+>>> loss.backward()
+
+Every objective works on fp32 log-probabilities [R, V] of the valid rows (label !=
+ignore_index). The chunked path (`fused=True`, the default) computes value and gradient one
+chunk of rows at a time inside a custom autograd function, so its extra memory is the
+gradient buffer plus O(chunk x V), instead of several [B, T, V] intermediates.
+`fused_linear_loss` goes further: it takes hidden states and LM-head weights and never builds
+the full logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 21  # logits per chunk (8 MB of fp32)
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """KL(a || b) per row from log-probabilities [R, V]."""
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
+
+
+def _mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """log(weight_a * a + (1 - weight_a) * b)."""
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def tkd_dkd(log_p: Tensor, log_q: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """(TKD, DKD) per row of KL(p || q) = TKD + (1 - p_y) * DKD, from log-probabilities [R, V].
+
+    No -inf enters a product, so gradients stay finite: the target column is removed by a
+    0/1 mask after the log-space shift.
+    """
+    target = F.one_hot(y, log_p.shape[-1]).bool()  # (R, V)
+    log_py, log_qy = log_p.gather(1, y[:, None]).squeeze(1), log_q.gather(1, y[:, None]).squeeze(1)
+    log_not_p = torch.logsumexp(log_p.masked_fill(target, float("-inf")), -1)  # log(1 - p_y)
+    log_not_q = torch.logsumexp(log_q.masked_fill(target, float("-inf")), -1)
+    tkd = log_py.exp() * (log_py - log_qy) + log_not_p.exp() * (log_not_p - log_not_q)
+    log_p_rest = log_p - log_not_p[:, None]  # log p^ off the target
+    log_q_rest = log_q - log_not_q[:, None]
+    dkd = ((~target) * log_p_rest.exp() * (log_p_rest - log_q_rest)).sum(-1)
+    return tkd, dkd
+
+
+def fkl(log_q, log_p, y, rows, params):
+    return _kl(log_p, log_q)
+
+
+def rkl(log_q, log_p, y, rows, params):
+    return _kl(log_q, log_p)
+
+
+def jsd(log_q, log_p, y, rows, params):
+    """Generalized JSD as in TRL's GKDTrainer: beta 0 = forward KL, beta 1 = reverse KL."""
+    beta = params["beta"]
+    if beta == 0:
+        return _kl(log_p, log_q)
+    if beta == 1:
+        return _kl(log_q, log_p)
+    log_m = _mixture(log_p, log_q, beta)  # beta * p + (1 - beta) * q
+    return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
+
+
+def tvd(log_q, log_p, y, rows, params):
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+def skl(log_q, log_p, y, rows, params):
+    """Skew forward KL (DistiLLM): KL(p || alpha p + (1 - alpha) q)."""
+    return _kl(log_p, _mixture(log_p, log_q, params["alpha"]))
+
+
+def srkl(log_q, log_p, y, rows, params):
+    """Skew reverse KL (DistiLLM): KL(q || alpha q + (1 - alpha) p)."""
+    return _kl(log_q, _mixture(log_q, log_p, params["alpha"]))
+
+
+def dkd(log_q, log_p, y, rows, params):
+    """Decoupled KD (Zhao et al.): (alpha * TKD + beta * DKD) * temperature^2."""
+    tkd, diversity = tkd_dkd(log_p, log_q, y)
+    return (params["alpha"] * tkd + params["beta"] * diversity) * params["temperature"] ** 2
+
+
+def atkd(log_q, log_p, y, rows, params):
+    """ATKD token contribution: easy -> lam/n_easy * DKD, hard -> (1-lam)/n_hard * (TKD + DKD).
+
+    `rows` carries the per-row weights from `atkd_weights`; with base="rkl" the KL arguments
+    are swapped in both terms (the split stays on the teacher's uncertainty).
+    """
+    tkd, diversity = tkd_dkd(log_q, log_p, y) if params["base"] == "rkl" else tkd_dkd(log_p, log_q, y)
+    return rows[:, 0] * tkd + rows[:, 1] * diversity
+
+
+def teacher_uncertainty(teacher_rows: Tensor, y: Tensor, temperature: float) -> Tensor:
+    """u = 1 - p_y per row [R] (no grad)."""
+    with torch.no_grad():
+        log_p = torch.log_softmax(teacher_rows.float() / temperature, -1)
+        return -torch.expm1(log_p.gather(1, y[:, None]).squeeze(1))
+
+
+def atkd_weights(unc: Tensor, params) -> Tensor:
+    """[N, 2] weights (on TKD, on DKD) per valid token, as the official ATKD code splits a batch.
+
+    threshold = torch.quantile(u, 1 - k) over the batch's valid tokens; hard = u >= threshold.
+    """
+    hard = unc >= torch.quantile(unc.double(), 1 - params["k"]).to(unc.dtype)
+    n_hard, n_easy = int(hard.sum()), int((~hard).sum())
+    lam = params["lam"]
+    w_hard = (1 - lam) / n_hard if n_hard else 0.0
+    w_easy = lam / n_easy if n_easy else 0.0
+    on_tkd = torch.where(hard, w_hard, 0.0)
+    on_dkd = torch.where(hard, w_hard, w_easy)
+    return torch.stack([on_tkd, on_dkd], dim=1)
+
+
+@dataclass(frozen=True)
+class Objective:
+    token_loss: Callable  # (log_q, log_p, y, rows, params) -> [R]
+    defaults: dict
+    doc: str
+    checks: dict = field(default_factory=dict)  # param -> (predicate, allowed text)
+    self_normalised: bool = False  # token losses already carry 1/group-size weights
+
+
+_UNIT = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
+_OPEN_UNIT = (lambda v: 0 < v < 1, "a number in (0, 1)")
+_POSITIVE = (lambda v: v > 0, "a number > 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
+
+OBJECTIVES: dict[str, Objective] = {
+    "fkl": Objective(fkl, {"temperature": 1.0}, "forward KL(p || q)", {"temperature": _POSITIVE}),
+    "rkl": Objective(rkl, {"temperature": 1.0}, "reverse KL(q || p) (MiniLLM)", {"temperature": _POSITIVE}),
+    "jsd": Objective(jsd, {"beta": 0.5, "temperature": 1.0}, "generalized JSD (GKD; beta 0 = fkl, 1 = rkl)",
+                     {"beta": _UNIT, "temperature": _POSITIVE}),
+    "tvd": Objective(tvd, {"temperature": 1.0}, "total variation distance", {"temperature": _POSITIVE}),
+    "skl": Objective(skl, {"alpha": 0.1, "temperature": 1.0}, "skew forward KL (DistiLLM)",
+                     {"alpha": _OPEN_UNIT, "temperature": _POSITIVE}),
+    "srkl": Objective(srkl, {"alpha": 0.1, "temperature": 1.0}, "skew reverse KL (DistiLLM)",
+                      {"alpha": _OPEN_UNIT, "temperature": _POSITIVE}),
+    "dkd": Objective(dkd, {"alpha": 1.0, "beta": 8.0, "temperature": 1.0}, "decoupled KD (alpha*TKD + beta*DKD)",
+                     {"alpha": _NON_NEGATIVE, "beta": _NON_NEGATIVE, "temperature": _POSITIVE}),
+    "atkd": Objective(atkd, {"lam": 0.2, "k": 0.5, "base": "fkl", "temperature": 1.0},
+                      "ATKD: lam*mean_easy(DKD) + (1-lam)*mean_hard(TKD+DKD)",
+                      {"lam": _UNIT, "k": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+                       "base": (lambda v: v in ("fkl", "rkl"), "'fkl' or 'rkl'"), "temperature": _POSITIVE},
+                      self_normalised=True),
+}
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _chunk_token_loss(objective: Objective, params: dict, s_rows: Tensor, t_rows: Tensor, y: Tensor, rows) -> Tensor:
+    tau = params["temperature"]
+    log_q = torch.log_softmax(s_rows.float() / tau, -1)
+    log_p = torch.log_softmax(t_rows.float() / tau, -1)
+    return objective.token_loss(log_q, log_p, y, rows, params)
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Per-token losses [N]; each row's gradient is computed in the forward, chunk by chunk.
+
+    Every token loss depends only on its own student row (ATKD's split weights are constants
+    from the teacher), so backward scales row t of the stored gradient by d(out)/d(token_t).
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, y, rows, objective, params, chunk):
+        grad = torch.empty_like(student)  # (N, V): the only full-size buffer
+        per_token = torch.empty(len(y), dtype=torch.float32, device=student.device)
+        for start in range(0, len(y), chunk):
+            end = start + chunk
+            s_chunk = student[start:end].detach().requires_grad_(True)
+            with torch.enable_grad():
+                tokens = _chunk_token_loss(objective, params, s_chunk, teacher[start:end], y[start:end],
+                                           None if rows is None else rows[start:end])
+                (grad[start:end],) = torch.autograd.grad(tokens.sum(), s_chunk)
+            per_token[start:end] = tokens.detach()
+        ctx.save_for_backward(grad)
+        return per_token
+
+    @staticmethod
+    def backward(ctx, grad_per_token):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_per_token[:, None].to(grad.dtype), None, None, None, None, None, None
+
+
+@dataclass
+class KDLoss:
+    """A configured objective: `loss(student_logits, teacher_logits, labels) -> scalar`."""
+
+    name: str
+    params: dict
+    reduction: str = "mean"
+    ignore_index: int = -100
+    fused: bool = True
+    chunk_rows: int | None = None
+
+    @property
+    def objective(self) -> Objective:
+        return OBJECTIVES[self.name]
+
+    def _rows_and_weights(self, teacher: Tensor, y: Tensor) -> tuple[Tensor | None, Tensor]:
+        if self.objective.self_normalised:
+            rows = atkd_weights(teacher_uncertainty(teacher, y, self.params["temperature"]), self.params)
+            return rows, torch.ones(len(y), device=teacher.device)
+        scale = 1.0 / max(1, len(y)) if self.reduction == "mean" else 1.0
+        return None, torch.full((len(y),), scale, device=teacher.device)
+
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
+        if student_logits.shape != teacher_logits.shape or student_logits.shape[:-1] != labels.shape:
+            raise ValueError(
+                f"student_logits {tuple(student_logits.shape)}, teacher_logits {tuple(teacher_logits.shape)} and "
+                f"labels {tuple(labels.shape)} must be [..., V], [..., V] and [...] with matching shapes."
+            )
+        vocab = student_logits.shape[-1]
+        valid = labels != self.ignore_index
+        student = student_logits.reshape(-1, vocab)[valid.reshape(-1)]  # (N, V)
+        teacher = teacher_logits.detach().reshape(-1, vocab)[valid.reshape(-1)]
+        y = labels[valid]
+        if len(y) == 0:
+            raise ValueError("No valid target in the batch (every label is ignore_index); nothing to distil.")
+        if ((y < 0) | (y >= vocab)).any():
+            raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={self.ignore_index}.")
+        rows, weights = self._rows_and_weights(teacher, y)
+        if self.fused:
+            chunk = self.chunk_rows or max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
+            tokens = _ChunkedLoss.apply(student, teacher, y, rows, self.objective, self.params, chunk)
+        else:
+            tokens = _chunk_token_loss(self.objective, self.params, student, teacher, y, rows)
+        weighted = tokens * weights
+        if self.reduction == "none":
+            return torch.zeros(labels.shape, dtype=weighted.dtype, device=weighted.device).masked_scatter(valid, weighted)
+        return weighted.sum()
+
+
+def get_loss(name: str, *, reduction: str = "mean", fused: bool = True, ignore_index: int = -100,
+             chunk_rows: int | None = None, **params) -> KDLoss:
+    """The objective `name` with its parameters; see `OBJECTIVES` for names and defaults.
+
+    reduction: "mean" over valid tokens ("atkd" always uses its own group means), "sum", or
+    "none" for per-token contributions [B, T] (0 at ignored positions).
+    """
+    if name not in OBJECTIVES:
+        listed = ", ".join(f"{n} ({o.doc})" for n, o in OBJECTIVES.items())
+        raise ValueError(f"Unknown loss {name!r}. Available: {listed}.")
+    objective = OBJECTIVES[name]
+    unknown = sorted(set(params) - set(objective.defaults))
+    if unknown:
+        raise ValueError(f"Loss {name!r} has no parameter(s) {unknown}; it takes {objective.defaults}.")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    merged = {**objective.defaults, **params}
+    for key, (ok, allowed) in objective.checks.items():
+        if not ok(merged[key]):
+            raise ValueError(f"Loss {name!r}: {key}={merged[key]!r} is not allowed; use {allowed}.")
+    return KDLoss(name, merged, reduction=reduction, fused=fused, ignore_index=ignore_index, chunk_rows=chunk_rows)

@@ -1,0 +1,133 @@
+import pytest
+import torch
+
+from kdviz.losses import OBJECTIVES, get_loss, tkd_dkd
+from reference import official_style_atkd, reference_token_loss
+
+PARAMS = {
+    "fkl": {"temperature": 1.0},
+    "rkl": {"temperature": 2.0},
+    "jsd": {"beta": 0.3, "temperature": 1.0},
+    "tvd": {"temperature": 1.0},
+    "skl": {"alpha": 0.1, "temperature": 1.0},
+    "srkl": {"alpha": 0.1, "temperature": 1.0},
+    "dkd": {"alpha": 1.0, "beta": 8.0, "temperature": 2.0},
+}
+
+
+def make_batch(batch=3, seq=6, vocab=37, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    student = (torch.randn(batch, seq, vocab, generator=g) * scale).requires_grad_(True)
+    teacher = torch.randn(batch, seq, vocab, generator=g) * scale
+    labels = torch.randint(vocab, (batch, seq), generator=g)
+    labels[0, :2] = -100
+    return student, teacher, labels
+
+
+def grad_of(loss_fn, student, teacher, labels):
+    s = student.detach().clone().requires_grad_(True)
+    value = loss_fn(s, teacher, labels)
+    value.backward()
+    return value.detach(), s.grad
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_objective_matches_reference_value_and_gradient(name, fused):
+    student, teacher, labels = make_batch(seed=hash(name) % 1000)
+    ours = get_loss(name, fused=fused, chunk_rows=4, **PARAMS[name])
+    value, grad = grad_of(ours, student, teacher, labels)
+
+    def reference(s, t, y):
+        return reference_token_loss(name, s, t, y, PARAMS[name]).mean()
+
+    ref_value, ref_grad = grad_of(reference, student.double(), teacher.double(), labels)
+    torch.testing.assert_close(value.double(), ref_value, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("base", ["fkl", "rkl"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+@pytest.mark.parametrize("lam,k", [(0.2, 0.5), (0.5, 0.3), (0.0, 1.0)])
+def test_atkd_matches_official_formula(base, fused, lam, k):
+    student, teacher, labels = make_batch(batch=4, seq=9, vocab=53, seed=7)
+    ours = get_loss("atkd", lam=lam, k=k, base=base, fused=fused, chunk_rows=5)
+    value, grad = grad_of(ours, student, teacher, labels)
+    ref_value, ref_grad = grad_of(lambda s, t, y: official_style_atkd(s, t, y, lam=lam, k=k, base=base),
+                                  student.double(), teacher.double(), labels)
+    torch.testing.assert_close(value.double(), ref_value, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-3, atol=1e-7)
+
+
+def test_jsd_endpoints_are_forward_and_reverse_kl():
+    student, teacher, labels = make_batch(seed=3)
+    for beta, other in ((0.0, "fkl"), (1.0, "rkl")):
+        a = get_loss("jsd", beta=beta)(student, teacher, labels)
+        b = get_loss(other)(student, teacher, labels)
+        torch.testing.assert_close(a, b)
+
+
+def test_tkd_dkd_identity_and_finite_gradients():
+    student, teacher, labels = make_batch(seed=4)
+    valid = labels != -100
+    log_q = torch.log_softmax(student[valid], -1)
+    log_p = torch.log_softmax(teacher[valid] * 10, -1)  # very peaked teacher
+    tkd, dkd = tkd_dkd(log_p, log_q, labels[valid])
+    unc = 1 - log_p.gather(1, labels[valid][:, None]).squeeze(1).exp()
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    torch.testing.assert_close(tkd + unc * dkd, kl, rtol=1e-4, atol=1e-6)
+    (tkd.sum() + dkd.sum()).backward()
+    assert torch.isfinite(student.grad).all()
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_reductions(reduction):
+    student, teacher, labels = make_batch(seed=5)
+    mean = get_loss("fkl")(student, teacher, labels)
+    other = get_loss("fkl", reduction=reduction)(student, teacher, labels)
+    n_valid = (labels != -100).sum()
+    if reduction == "sum":
+        torch.testing.assert_close(other, mean * n_valid)
+    else:
+        assert other.shape == labels.shape and (other[labels == -100] == 0).all()
+        torch.testing.assert_close(other.sum() / n_valid, mean)
+
+
+def test_bf16_student_logits_get_bf16_gradients():
+    student, teacher, labels = make_batch(seed=6)
+    s = student.detach().bfloat16().requires_grad_(True)
+    loss = get_loss("atkd")(s, teacher.bfloat16(), labels)
+    loss.backward()
+    assert s.grad.dtype == torch.bfloat16 and torch.isfinite(s.grad.float()).all()
+
+
+def test_unknown_name_lists_what_is_allowed():
+    with pytest.raises(ValueError, match="Unknown loss 'kld'. Available: fkl .*atkd"):
+        get_loss("kld")
+
+
+@pytest.mark.parametrize(
+    "name,params,message",
+    [
+        ("atkd", {"base": "jsd"}, "base='jsd' is not allowed; use 'fkl' or 'rkl'"),
+        ("atkd", {"lam": 1.5}, r"lam=1.5 is not allowed; use a number in \[0, 1\]"),
+        ("jsd", {"alpha": 0.1}, r"no parameter\(s\) \['alpha'\]; it takes"),
+        ("skl", {"alpha": 1.0}, r"alpha=1.0 is not allowed; use a number in \(0, 1\)"),
+        ("fkl", {"temperature": 0}, "temperature=0 is not allowed"),
+    ],
+)
+def test_bad_parameters_say_what_is_allowed(name, params, message):
+    with pytest.raises(ValueError, match=message):
+        get_loss(name, **params)
+
+
+def test_bad_inputs():
+    student, teacher, labels = make_batch()
+    with pytest.raises(ValueError, match="matching shapes"):
+        get_loss("fkl")(student, teacher[..., :-1], labels)
+    with pytest.raises(ValueError, match="No valid target"):
+        get_loss("fkl")(student, teacher, torch.full_like(labels, -100))
+
+
+def test_every_registered_objective_is_tested():
+    assert set(OBJECTIVES) == set(PARAMS) | {"atkd"}
