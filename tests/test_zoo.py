@@ -63,11 +63,6 @@ def test_zoo_datasets(tiny_zoo):
         assert any(l != -100 for l in ex.labels)
 
 
-shipped = pytest.mark.skipif(not (zoo.zoo_dir() / "teacher-l" / "manifest.json").is_file(),
-                             reason="the shipped zoo is not in data/zoo")
-
-
-@shipped
 def test_shipped_ladder_sizes_and_losses():
     manifests = [zoo.manifest(name) for name in LADDER]
     params = [m["parameters"] for m in manifests]
@@ -78,7 +73,6 @@ def test_shipped_ladder_sizes_and_losses():
     assert len({m["corpus"]["file_list_hash"] for m in manifests}) == 1
 
 
-@shipped
 def test_loss_on_unseen_code_falls_with_teacher_size():
     """kdviz's own source: Python code none of the zoo saw."""
     tokenizer = zoo.load_tokenizer()
@@ -89,7 +83,6 @@ def test_loss_on_unseen_code_falls_with_teacher_size():
     assert losses == sorted(losses, reverse=True) and len(set(losses)) == 4, losses
 
 
-@shipped
 def test_demo_writes_report_and_table(tmp_path):
     env = {**__import__("os").environ, "KDVIZ_CACHE_DIR": str(tmp_path / "cache")}
     result = subprocess.run([sys.executable, "-m", "kdviz.cli", "demo", "--limit", "4", "--out", str(tmp_path / "out")],
