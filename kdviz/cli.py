@@ -115,7 +115,7 @@ def run_demo(args) -> None:
     print(f"\nDone in {time.perf_counter() - started:.0f} s.")
     print(f"Report:      {report.resolve()}  (open it in a browser; it works offline)")
     print(f"Token table: {parquet.resolve()}  (kdviz.TokenTable.load(path))")
-    print("Notebooks:   jupyter lab notebooks/  (start with 01_token_inspector.ipynb)")
+    print("Explore:     jupyter lab, then table = kdviz.TokenTable.load(path); table.df / table.summary()")
 
 
 def run_zoo(args) -> None:

@@ -90,4 +90,4 @@ def test_demo_writes_report_and_table(tmp_path):
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "out" / "demo_report.html").stat().st_size > 1_000_000
     assert (tmp_path / "out" / "demo_tokens.parquet").is_file()
-    assert "demo_report.html" in result.stdout and "jupyter lab" in result.stdout
+    assert "demo_report.html" in result.stdout and "jupyter lab" in result.stdout and "Report:" in result.stdout
