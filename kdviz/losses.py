@@ -103,11 +103,15 @@ def atkd(log_q, log_p, y, rows, params):
     return rows[:, 0] * tkd + rows[:, 1] * diversity
 
 
-def teacher_uncertainty(teacher_rows: Tensor, y: Tensor, temperature: float) -> Tensor:
-    """u = 1 - p_y per row [R] (no grad)."""
+def teacher_uncertainty(teacher_rows: Tensor, y: Tensor, temperature: float, chunk: int) -> Tensor:
+    """u = 1 - p_y per row [R] (no grad), streamed over `chunk` rows at a time."""
+    parts = []
     with torch.no_grad():
-        log_p = torch.log_softmax(teacher_rows.float() / temperature, -1)
-        return -torch.expm1(log_p.gather(1, y[:, None]).squeeze(1))
+        for start in range(0, len(y), chunk):
+            rows = teacher_rows[start : start + chunk].float() / temperature  # (C, V)
+            target = rows.gather(1, y[start : start + chunk, None]).squeeze(1)
+            parts.append(-torch.expm1(target - torch.logsumexp(rows, -1)))
+    return torch.cat(parts)
 
 
 def atkd_weights(unc: Tensor, params) -> Tensor:
@@ -168,31 +172,36 @@ def _chunk_token_loss(objective: Objective, params: dict, s_rows: Tensor, t_rows
 
 
 class _ChunkedLoss(torch.autograd.Function):
-    """Per-token losses [N]; each row's gradient is computed in the forward, chunk by chunk.
+    """Per-token losses [N] of rows `index` of the flat logits; gradients made in the forward.
 
-    Every token loss depends only on its own student row (ATKD's split weights are constants
-    from the teacher), so backward scales row t of the stored gradient by d(out)/d(token_t).
+    Each chunk of rows is gathered, differentiated and dropped, so nothing [B*T, V] is built
+    but the gradient itself. Every token loss depends only on its own student row (ATKD's
+    split weights are constants from the teacher), so backward scales row t of the stored
+    gradient by d(out)/d(token_t).
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, y, rows, objective, params, chunk):
-        grad = torch.empty_like(student)  # (N, V): the only full-size buffer
+    def forward(ctx, student, teacher, index, y, rows, objective, params, chunk):
+        grad = torch.zeros_like(student)  # (B*T, V), zero on ignored rows
         per_token = torch.empty(len(y), dtype=torch.float32, device=student.device)
         for start in range(0, len(y), chunk):
-            end = start + chunk
-            s_chunk = student[start:end].detach().requires_grad_(True)
+            span = slice(start, start + chunk)
+            s_chunk = student.index_select(0, index[span]).detach().requires_grad_(True)
             with torch.enable_grad():
-                tokens = _chunk_token_loss(objective, params, s_chunk, teacher[start:end], y[start:end],
-                                           None if rows is None else rows[start:end])
-                (grad[start:end],) = torch.autograd.grad(tokens.sum(), s_chunk)
-            per_token[start:end] = tokens.detach()
-        ctx.save_for_backward(grad)
+                tokens = _chunk_token_loss(objective, params, s_chunk, teacher.index_select(0, index[span]), y[span],
+                                           None if rows is None else rows[span])
+                (chunk_grad,) = torch.autograd.grad(tokens.sum(), s_chunk)
+            grad.index_copy_(0, index[span], chunk_grad)
+            per_token[span] = tokens.detach()
+        ctx.save_for_backward(grad, index)
         return per_token
 
     @staticmethod
     def backward(ctx, grad_per_token):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_per_token[:, None].to(grad.dtype), None, None, None, None, None, None
+        grad, index = ctx.saved_tensors
+        scale = torch.zeros(len(grad), dtype=grad.dtype, device=grad.device)
+        scale[index] = grad_per_token.to(grad.dtype)
+        return grad * scale[:, None], None, None, None, None, None, None, None
 
 
 @dataclass
@@ -210,10 +219,10 @@ class KDLoss:
     def objective(self) -> Objective:
         return OBJECTIVES[self.name]
 
-    def _rows_and_weights(self, teacher: Tensor, y: Tensor) -> tuple[Tensor | None, Tensor]:
+    def _rows_and_weights(self, teacher: Tensor, y: Tensor, chunk: int) -> tuple[Tensor | None, Tensor]:
         if self.objective.self_normalised:
-            rows = atkd_weights(teacher_uncertainty(teacher, y, self.params["temperature"]), self.params)
-            return rows, torch.ones(len(y), device=teacher.device)
+            unc = teacher_uncertainty(teacher, y, self.params["temperature"], chunk)
+            return atkd_weights(unc, self.params), torch.ones(len(y), device=teacher.device)
         scale = 1.0 / max(1, len(y)) if self.reduction == "mean" else 1.0
         return None, torch.full((len(y),), scale, device=teacher.device)
 
@@ -225,23 +234,36 @@ class KDLoss:
             )
         vocab = student_logits.shape[-1]
         valid = labels != self.ignore_index
-        student = student_logits.reshape(-1, vocab)[valid.reshape(-1)]  # (N, V)
-        teacher = teacher_logits.detach().reshape(-1, vocab)[valid.reshape(-1)]
-        y = labels[valid]
+        index = valid.reshape(-1).nonzero().squeeze(1)  # (N,) rows that are targets
+        y = labels.reshape(-1)[index]
         if len(y) == 0:
             raise ValueError("No valid target in the batch (every label is ignore_index); nothing to distil.")
         if ((y < 0) | (y >= vocab)).any():
             raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={self.ignore_index}.")
-        rows, weights = self._rows_and_weights(teacher, y)
+        student = student_logits.reshape(-1, vocab)  # (B*T, V) views, no copy
+        teacher = teacher_logits.detach().reshape(-1, vocab)
+        chunk = self.chunk_rows or max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
         if self.fused:
-            chunk = self.chunk_rows or max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
-            tokens = _ChunkedLoss.apply(student, teacher, y, rows, self.objective, self.params, chunk)
+            rows, weights = self._rows_and_weights(_RowView(teacher, index), y, chunk)
+            tokens = _ChunkedLoss.apply(student, teacher, index, y, rows, self.objective, self.params, chunk)
         else:
+            student, teacher = student[index], teacher[index]
+            rows, weights = self._rows_and_weights(teacher, y, len(y))
             tokens = _chunk_token_loss(self.objective, self.params, student, teacher, y, rows)
         weighted = tokens * weights
         if self.reduction == "none":
             return torch.zeros(labels.shape, dtype=weighted.dtype, device=weighted.device).masked_scatter(valid, weighted)
         return weighted.sum()
+
+
+class _RowView:
+    """Rows `index` of a [N, V] tensor, gathered only when sliced (for streaming passes)."""
+
+    def __init__(self, tensor: Tensor, index: Tensor):
+        self.tensor, self.index, self.device = tensor, index, tensor.device
+
+    def __getitem__(self, span: slice) -> Tensor:
+        return self.tensor.index_select(0, self.index[span])
 
 
 def get_loss(name: str, *, reduction: str = "mean", fused: bool = True, ignore_index: int = -100,
