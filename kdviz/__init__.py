@@ -8,8 +8,9 @@
 
 __version__ = "0.1.0"
 
+from kdviz import losses
 from kdviz.analyze import Summary, TokenTable, analyze
 from kdviz.decompose import TokenStats, decompose
 from kdviz.models import ModelPair, load_pair
 
-__all__ = ["ModelPair", "Summary", "TokenStats", "TokenTable", "analyze", "decompose", "load_pair"]
+__all__ = ["losses", "ModelPair", "Summary", "TokenStats", "TokenTable", "analyze", "decompose", "load_pair"]
