@@ -164,7 +164,9 @@ def load_pair(
     to the same ids; padded vocab sizes that differ within a family (151936 vs 152064) are
     aligned to the shared tokenizer's vocabulary.
 
-    >>> pair = load_pair("zoo:teacher-l", "zoo:student")  # doctest: +SKIP
+    >>> pair = load_pair("zoo:teacher-l", "zoo:student", device="cpu")
+>>> pair.vocab_size, pair.max_length
+(8192, 256)
     """
     device = device or default_device()
     dtype = dtype or default_dtype(device)

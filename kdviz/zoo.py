@@ -5,7 +5,9 @@ one byte-level BPE tokenizer. The weights ship under ``data/zoo`` with a manifes
 `build` reproduces them from scratch (`kdviz zoo build`), `build(..., tiny=True)` makes a
 micro zoo in well under two minutes for tests.
 
->>> model, tokenizer = load("zoo:student")  # doctest: +SKIP
+>>> model, tokenizer = load("zoo:student")
+>>> model.config.vocab_size == len(tokenizer)
+True
 """
 
 from __future__ import annotations
