@@ -27,6 +27,20 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def run_worker(script: str, task: str, options: list[str]) -> dict:
+    """Run `script --worker task OPTIONS` in a fresh process; its last stdout line is JSON."""
+    out = subprocess.run([sys.executable, script, "--worker", task, *options], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"worker {task} failed: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def write_json(path: str, result: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"  written to {path}")
+
+
 def make_inputs(rows: int, vocab: int, dtype: torch.dtype, device: str):
     g = torch.Generator(device=device).manual_seed(0)
     teacher = torch.randn(1, rows, vocab, generator=g, device=device).mul_(3).to(dtype)
@@ -94,12 +108,8 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args.rows, args.vocab, args.dtype, args.device)))
         return
 
-    memory = {}
-    for task in TASKS:
-        out = subprocess.run([sys.executable, __file__, "--worker", task, "--rows", str(args.rows), "--vocab",
-                              str(args.vocab), "--dtype", args.dtype, "--device", args.device],
-                             capture_output=True, text=True, check=True)
-        memory[task] = json.loads(out.stdout.strip().splitlines()[-1])["peak_extra_bytes"]
+    options = ["--rows", str(args.rows), "--vocab", str(args.vocab), "--dtype", args.dtype, "--device", args.device]
+    memory = {task: run_worker(__file__, task, options)["peak_extra_bytes"] for task in TASKS}
     inputs = make_inputs(args.rows, args.vocab, getattr(torch, args.dtype), args.device)
     seconds = {task: time_task(task, inputs, args.device, args.repeats) for task in TASKS}
     one_tensor = args.rows * args.vocab * inputs[0].element_size()
@@ -122,9 +132,7 @@ def main() -> None:
     print(f"  decompose:                  {seconds['decompose'] * 1e3:8.1f} ms   peak extra {memory['decompose'] / 2**20:8.1f} MiB")
     print(f"  time ratio decompose/floor: {result['time_ratio']:.2f}  (target <= 3)")
     print(f"  decompose peak extra = {result['peak_extra_in_logits_tensors']:.3f} x one [BT, V] logits tensor")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"  written to {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

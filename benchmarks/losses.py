@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from decompose import rss_bytes  # noqa: E402  (benchmarks/decompose.py, same folder)
+from decompose import rss_bytes, run_worker, write_json  # noqa: E402  (benchmarks/decompose.py, same folder)
 
 VARIANTS = ["official"] + [f"{name}:{path}" for name in
                            ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "dkd", "atkd") for path in ("plain", "fused")]
@@ -93,12 +92,12 @@ def main() -> None:
     logits_bytes = args.shape[0] * args.shape[1] * args.shape[2] * torch.finfo(getattr(torch, args.dtype)).bits // 8
     print(f"shape {args.shape} {args.dtype} on {args.device}; one logits tensor = {logits_bytes / 2**20:.0f} MiB")
     for variant in args.variants:
-        out = subprocess.run([sys.executable, __file__, "--worker", variant, "--shape", *map(str, args.shape),
-                              "--dtype", args.dtype, "--device", args.device], capture_output=True, text=True)
-        if out.returncode:
-            print(f"  {variant:<12} failed: {out.stderr.strip().splitlines()[-1]}")
+        try:
+            results[variant] = run_worker(__file__, variant, ["--shape", *map(str, args.shape), "--dtype",
+                                                              args.dtype, "--device", args.device])
+        except RuntimeError as err:
+            print(f"  {variant:<12} {err}")
             continue
-        results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
         r = results[variant]
         print(f"  {variant:<12} {r['seconds'] * 1e3:9.1f} ms   peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB")
     summary = {"shape": args.shape, "dtype": args.dtype, "device": args.device, "logits_bytes": logits_bytes,
@@ -107,9 +106,7 @@ def main() -> None:
         ratio = results["atkd:fused"]["peak_extra_bytes"] / max(1, results["official"]["peak_extra_bytes"])
         summary["atkd_fused_over_official_memory"] = ratio
         print(f"  fused ATKD peak extra / official-style: {ratio:.3f} (target <= 0.333)")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"  written to {args.out}")
+    write_json(args.out, summary)
 
 
 if __name__ == "__main__":
