@@ -4,6 +4,10 @@ Each measurement runs in a fresh process; peak extra memory is the high-water ma
 what the inputs already hold (on CPU from ru_maxrss, on CUDA from max_memory_allocated).
 "official" is ATKD written the way the official code does it (softmaxes, gt/other masks,
 masked_select copies); the target is fused ATKD <= 1/3 of its peak extra memory.
+"NAME:linear" starts from hidden states [B, T, H] and LM-head weights [V, H] (student and
+teacher) and never builds the logits; "NAME:head+plain" is the same step the usual way
+(logits = hidden @ head.T, then the plain loss), so the pair shows what the fused-linear
+path saves.
 
     python benchmarks/losses.py                          # [4, 1024, 32768] fp32 on this machine
     python benchmarks/losses.py --shape 1 8192 128256 --dtype bfloat16   # on a GPU
@@ -25,6 +29,8 @@ from decompose import rss_bytes, run_worker, write_json  # noqa: E402  (benchmar
 
 VARIANTS = ["official"] + [f"{name}:{path}" for name in
                            ("fkl", "rkl", "jsd", "tvd", "skl", "srkl", "dkd", "atkd") for path in ("plain", "fused")]
+VARIANTS += [f"{name}:{path}" for name in ("fkl", "atkd") for path in ("head+plain", "linear")]
+HIDDEN = 512
 
 
 def make_inputs(shape, dtype, device):
@@ -34,6 +40,35 @@ def make_inputs(shape, dtype, device):
     teacher = (torch.randn(batch, seq, vocab, generator=g, device=device) * 3).to(dtype)
     labels = torch.randint(vocab, (batch, seq), generator=g, device=device)
     return student, teacher, labels
+
+
+def make_linear_inputs(shape, dtype, device):
+    g = torch.Generator(device=device).manual_seed(0)
+    batch, seq, vocab = shape
+
+    def randn(*size, grad=False):
+        return (torch.randn(*size, generator=g, device=device) / HIDDEN**0.25).to(dtype).requires_grad_(grad)
+
+    labels = torch.randint(vocab, (batch, seq), generator=g, device=device)
+    return randn(batch, seq, HIDDEN, grad=True), randn(vocab, HIDDEN, grad=True), randn(batch, seq, HIDDEN), \
+        randn(vocab, HIDDEN), labels
+
+
+def linear_step(variant: str):
+    """(inputs maker, step) for the hidden-state variants."""
+    from kdviz.losses import get_loss
+
+    name, path = variant.split(":")
+    fn = get_loss(name, fused=False)
+
+    def run(s_hidden, s_head, t_hidden, t_head, labels):
+        s_hidden.grad = s_head.grad = None
+        if path == "linear":
+            fn.linear(s_hidden, s_head, t_hidden, t_head, labels).loss.backward()
+        else:
+            fn(s_hidden @ s_head.T, t_hidden @ t_head.T, labels).backward()
+
+    return run
 
 
 def loss_function(variant: str):
@@ -53,8 +88,13 @@ def step(fn, student, teacher, labels):
 
 
 def worker(variant, shape, dtype, device) -> dict:
-    student, teacher, labels = make_inputs(shape, dtype, device)
-    fn = loss_function(variant)
+    if variant.endswith(("linear", "head+plain")):
+        inputs, run = make_linear_inputs(shape, dtype, device), linear_step(variant)
+    else:
+        inputs, fn = make_inputs(shape, dtype, device), loss_function(variant)
+
+        def run(*tensors):
+            step(fn, *tensors)
     if device == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
@@ -62,7 +102,7 @@ def worker(variant, shape, dtype, device) -> dict:
     else:
         before = max(rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     start = time.perf_counter()
-    step(fn, student, teacher, labels)
+    run(*inputs)
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
@@ -70,7 +110,7 @@ def worker(variant, shape, dtype, device) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     first = time.perf_counter() - start
     start = time.perf_counter()
-    step(fn, student, teacher, labels)
+    run(*inputs)
     if device == "cuda":
         torch.cuda.synchronize()
     return {"peak_extra_bytes": max(0, peak), "seconds": min(first, time.perf_counter() - start)}
@@ -96,16 +136,22 @@ def main() -> None:
             results[variant] = run_worker(__file__, variant, ["--shape", *map(str, args.shape), "--dtype",
                                                               args.dtype, "--device", args.device])
         except RuntimeError as err:
-            print(f"  {variant:<12} {err}")
+            print(f"  {variant:<16} {err}")
             continue
         r = results[variant]
-        print(f"  {variant:<12} {r['seconds'] * 1e3:9.1f} ms   peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB")
+        print(f"  {variant:<16} {r['seconds'] * 1e3:9.1f} ms   peak extra {r['peak_extra_bytes'] / 2**20:9.1f} MiB")
     summary = {"shape": args.shape, "dtype": args.dtype, "device": args.device, "logits_bytes": logits_bytes,
                "results": results}
     if "official" in results and "atkd:fused" in results:
         ratio = results["atkd:fused"]["peak_extra_bytes"] / max(1, results["official"]["peak_extra_bytes"])
         summary["atkd_fused_over_official_memory"] = ratio
         print(f"  fused ATKD peak extra / official-style: {ratio:.3f} (target <= 0.333)")
+    for name in ("fkl", "atkd"):
+        pair = results.get(f"{name}:linear"), results.get(f"{name}:head+plain")
+        if all(pair):
+            ratio = pair[0]["peak_extra_bytes"] / max(1, pair[1]["peak_extra_bytes"])
+            summary[f"{name}_linear_over_head_plain_memory"] = ratio
+            print(f"  {name} fused-linear peak extra / logits + plain loss: {ratio:.3f}")
     write_json(args.out, summary)
 
 

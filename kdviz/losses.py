@@ -114,12 +114,14 @@ def teacher_uncertainty(teacher_rows: Tensor, y: Tensor, temperature: float, chu
     return torch.cat(parts)
 
 
-def atkd_weights(unc: Tensor, params) -> Tensor:
-    """[N, 2] weights (on TKD, on DKD) per valid token, as the official ATKD code splits a batch.
+def hard_mask(unc: Tensor, k: float) -> Tensor:
+    """The official ATKD split: hard = u >= torch.quantile(u, 1 - k) over the given tokens."""
+    return unc >= torch.quantile(unc.double(), 1 - k).to(unc.dtype)
 
-    threshold = torch.quantile(u, 1 - k) over the batch's valid tokens; hard = u >= threshold.
-    """
-    hard = unc >= torch.quantile(unc.double(), 1 - params["k"]).to(unc.dtype)
+
+def atkd_weights(unc: Tensor, params) -> Tensor:
+    """[N, 2] weights (on TKD, on DKD) per valid token, as the official ATKD code splits a batch."""
+    hard = hard_mask(unc, params["k"])
     n_hard, n_easy = int(hard.sum()), int((~hard).sum())
     lam = params["lam"]
     w_hard = (1 - lam) / n_hard if n_hard else 0.0
@@ -204,6 +206,88 @@ class _ChunkedLoss(torch.autograd.Function):
         return grad * scale[:, None], None, None, None, None, None, None, None
 
 
+class _ChunkedLinearLoss(torch.autograd.Function):
+    """Scalar KD (+ weighted CE) loss from hidden states and LM-head weights, chunk by chunk.
+
+    Logits exist for one chunk of rows at a time (C x V); the gradients w.r.t. the hidden rows
+    [N, H], the head weight [V, H] and bias are accumulated in the forward. Returns the scalar
+    and, not differentiable, each row's KD contribution, CE and teacher uncertainty.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, teacher, y, rows, kd_weights, ce_weights, objective, params, chunk):
+        n = len(y)
+        needs = ctx.needs_input_grad[:3]
+        grads = [torch.zeros_like(t, dtype=torch.float32) if t is not None and need else None
+                 for t, need in zip((hidden, weight, bias), needs)]
+        kd_tokens, ce_tokens, unc = (torch.empty(n, device=hidden.device) for _ in range(3))
+        total = torch.zeros((), device=hidden.device)
+        for start in range(0, n, chunk):
+            span = slice(start, start + chunk)
+            leaves = [t.detach().requires_grad_(need) if t is not None else None
+                      for t, need in zip((hidden[span], weight, bias), needs)]
+            t_logits = teacher[span]  # (C, V), no grad
+            with torch.enable_grad():
+                logits = F.linear(*leaves)  # (C, V)
+                kd = _chunk_token_loss(objective, params, logits, t_logits, y[span],
+                                       None if rows is None else rows[span])
+                ce = F.cross_entropy(logits.float(), y[span], reduction="none")
+                chunk_total = (kd * kd_weights[span]).sum() + (ce * ce_weights[span]).sum()
+                wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
+                chunk_grads = iter(torch.autograd.grad(chunk_total, wanted)) if wanted else iter(())
+            for i, leaf in enumerate(leaves):
+                if grads[i] is None:
+                    continue
+                if i == 0:
+                    grads[0][span] = next(chunk_grads)
+                else:
+                    grads[i] += next(chunk_grads)
+            total += chunk_total.detach()
+            kd_tokens[span], ce_tokens[span] = kd.detach(), ce.detach()
+            unc[span] = teacher_uncertainty(t_logits, y[span], params["temperature"], len(t_logits))
+        ctx.grads = grads
+        ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
+        ctx.mark_non_differentiable(kd_tokens, ce_tokens, unc)
+        return total, kd_tokens, ce_tokens, unc
+
+    @staticmethod
+    def backward(ctx, grad_total, *unused):
+        out = [None if g is None else (g * grad_total).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)]
+        return (*out, None, None, None, None, None, None, None, None)
+
+
+class _LinearRows:
+    """Rows of `hidden @ weight.T + bias`, computed only when sliced (the teacher side, no grad)."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None):
+        self.hidden, self.weight, self.bias, self.device = hidden.detach(), weight.detach(), bias, hidden.device
+
+    def __getitem__(self, span: slice) -> Tensor:
+        with torch.no_grad():
+            return F.linear(self.hidden[span], self.weight, None if self.bias is None else self.bias.detach())
+
+
+@dataclass
+class LossParts:
+    """One step's loss and what it is made of; every field but `loss` is detached.
+
+    loss = kd + ce_weight * ce. `contributions` [N] is each valid token's share of `kd` (it sums
+    to `kd`), `unc` [N] its teacher uncertainty, so `hard_easy(k)` splits the KD loss into the
+    parts carried by hard and by easy tokens.
+    """
+
+    loss: Tensor
+    kd: Tensor
+    ce: Tensor
+    contributions: Tensor
+    unc: Tensor
+
+    def hard_easy(self, k: float) -> tuple[float, float]:
+        """(hard part, easy part) of `kd`, hard = u >= quantile(u, 1 - k) as in ATKD."""
+        hard = hard_mask(self.unc, k)
+        return float(self.contributions[hard].sum()), float(self.contributions[~hard].sum())
+
+
 @dataclass
 class KDLoss:
     """A configured objective: `loss(student_logits, teacher_logits, labels) -> scalar`."""
@@ -226,13 +310,8 @@ class KDLoss:
         scale = 1.0 / max(1, len(y)) if self.reduction == "mean" else 1.0
         return None, torch.full((len(y),), scale, device=teacher.device)
 
-    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
-        if student_logits.shape != teacher_logits.shape or student_logits.shape[:-1] != labels.shape:
-            raise ValueError(
-                f"student_logits {tuple(student_logits.shape)}, teacher_logits {tuple(teacher_logits.shape)} and "
-                f"labels {tuple(labels.shape)} must be [..., V], [..., V] and [...] with matching shapes."
-            )
-        vocab = student_logits.shape[-1]
+    def _targets(self, labels: Tensor, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(valid mask [B, T], flat row index [N], target ids [N]) with the labels checked."""
         valid = labels != self.ignore_index
         index = valid.reshape(-1).nonzero().squeeze(1)  # (N,) rows that are targets
         y = labels.reshape(-1)[index]
@@ -240,9 +319,22 @@ class KDLoss:
             raise ValueError("No valid target in the batch (every label is ignore_index); nothing to distil.")
         if ((y < 0) | (y >= vocab)).any():
             raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={self.ignore_index}.")
+        return valid, index, y
+
+    def _chunk(self, vocab: int) -> int:
+        return self.chunk_rows or max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
+
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
+        if student_logits.shape != teacher_logits.shape or student_logits.shape[:-1] != labels.shape:
+            raise ValueError(
+                f"student_logits {tuple(student_logits.shape)}, teacher_logits {tuple(teacher_logits.shape)} and "
+                f"labels {tuple(labels.shape)} must be [..., V], [..., V] and [...] with matching shapes."
+            )
+        vocab = student_logits.shape[-1]
+        valid, index, y = self._targets(labels, vocab)
         student = student_logits.reshape(-1, vocab)  # (B*T, V) views, no copy
         teacher = teacher_logits.detach().reshape(-1, vocab)
-        chunk = self.chunk_rows or max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
+        chunk = self._chunk(vocab)
         if self.fused:
             rows, weights = self._rows_and_weights(_RowView(teacher, index), y, chunk)
             tokens = _ChunkedLoss.apply(student, teacher, index, y, rows, self.objective, self.params, chunk)
@@ -254,6 +346,54 @@ class KDLoss:
         if self.reduction == "none":
             return torch.zeros(labels.shape, dtype=weighted.dtype, device=weighted.device).masked_scatter(valid, weighted)
         return weighted.sum()
+
+    def linear(self, student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor,
+               labels: Tensor, *, ce_weight: float = 0.0, student_bias: Tensor | None = None,
+               teacher_bias: Tensor | None = None) -> LossParts:
+        """The loss from hidden states [B, T, H] and LM-head weights [V, H], never building [B, T, V].
+
+        Student and teacher may have different hidden sizes; the heads must have the same V
+        rows (slice them to the shared vocabulary first). Adds `ce_weight` x the student's
+        mean cross-entropy on the targets. Gradients flow to the student's hidden states,
+        head weight and bias; the teacher side is constant.
+        """
+        vocab = student_head.shape[0]
+        if teacher_head.shape[0] != vocab or student_hidden.shape[:-1] != labels.shape \
+                or teacher_hidden.shape[:-1] != labels.shape:
+            raise ValueError(
+                f"student_hidden {tuple(student_hidden.shape)}, teacher_hidden {tuple(teacher_hidden.shape)}, labels "
+                f"{tuple(labels.shape)}, student_head {tuple(student_head.shape)} and teacher_head "
+                f"{tuple(teacher_head.shape)} must be [..., H_s], [..., H_t], [...], [V, H_s] and [V, H_t]."
+            )
+        if self.reduction == "none":
+            raise ValueError("The linear path returns a scalar; use reduction 'mean' or 'sum' (or the logits path).")
+        _, index, y = self._targets(labels, vocab)
+        hidden = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, index)  # (N, H_s)
+        t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, index)
+        teacher = _LinearRows(t_hidden, teacher_head, teacher_bias)
+        chunk = self._chunk(vocab)
+        rows, weights = self._rows_and_weights(teacher, y, chunk)
+        ce_weights = torch.full((len(y),), ce_weight / len(y), device=hidden.device)
+        total, kd_tokens, ce_tokens, unc = _ChunkedLinearLoss.apply(
+            hidden, student_head, student_bias, teacher, y, rows, weights, ce_weights, self.objective, self.params, chunk)
+        contributions = kd_tokens * weights
+        return LossParts(total, contributions.sum(), ce_tokens.mean(), contributions, unc)
+
+    def parts(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *,
+              ce_weight: float = 0.0) -> LossParts:
+        """Like `linear`, from full logits [B, T, V] (for models whose head is not a plain linear)."""
+        contributions_full = get_loss(self.name, reduction="none", fused=self.fused, ignore_index=self.ignore_index,
+                                      chunk_rows=self.chunk_rows, **self.params)(student_logits, teacher_logits, labels)
+        valid, index, y = self._targets(labels, student_logits.shape[-1])
+        contributions = contributions_full[valid]
+        if self.reduction == "mean" and not self.objective.self_normalised:
+            contributions = contributions / len(y)
+        kd = contributions.sum()
+        ce = F.cross_entropy(student_logits.reshape(-1, student_logits.shape[-1]).float(), labels.reshape(-1),
+                             ignore_index=self.ignore_index)
+        teacher = _RowView(teacher_logits.detach().reshape(-1, student_logits.shape[-1]), index)
+        unc = teacher_uncertainty(teacher, y, self.params["temperature"], self._chunk(student_logits.shape[-1]))
+        return LossParts(kd + ce_weight * ce, kd.detach(), ce.detach(), contributions.detach(), unc)
 
 
 class _RowView:

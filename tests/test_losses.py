@@ -131,3 +131,84 @@ def test_bad_inputs():
 
 def test_every_registered_objective_is_tested():
     assert set(OBJECTIVES) == set(PARAMS) | {"atkd"}
+
+
+def make_hidden(batch=3, seq=7, vocab=41, h_student=5, h_teacher=9, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student_hidden = torch.randn(batch, seq, h_student, generator=g, dtype=torch.float64) * 2
+    student_head = torch.randn(vocab, h_student, generator=g, dtype=torch.float64)
+    student_bias = torch.randn(vocab, generator=g, dtype=torch.float64)
+    teacher_hidden = torch.randn(batch, seq, h_teacher, generator=g, dtype=torch.float64) * 2
+    teacher_head = torch.randn(vocab, h_teacher, generator=g, dtype=torch.float64)
+    labels = torch.randint(vocab, (batch, seq), generator=g)
+    labels[1, :3] = -100
+    return student_hidden, student_head, student_bias, teacher_hidden, teacher_head, labels
+
+
+@pytest.mark.parametrize("name,params", [("fkl", {}), ("rkl", {"temperature": 2.0}), ("jsd", {"beta": 0.3}),
+                                         ("atkd", {}), ("atkd", {"base": "rkl", "lam": 0.4}), ("dkd", {})])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_path_matches_plain_autograd_on_full_logits(name, params, with_bias):
+    s_hidden, s_head, s_bias, t_hidden, t_head, labels = make_hidden(seed=len(name))
+    bias = s_bias if with_bias else None
+    ce_weight = 0.5
+
+    def leaves():
+        return [t.clone().requires_grad_(True) for t in (s_hidden, s_head, s_bias)]
+
+    ours_in = leaves()
+    parts = get_loss(name, chunk_rows=4, **params).linear(
+        ours_in[0], ours_in[1], t_hidden, t_head, labels, ce_weight=ce_weight,
+        student_bias=ours_in[2] if with_bias else None)
+    parts.loss.backward()
+
+    ref_in = leaves()
+    logits = torch.nn.functional.linear(ref_in[0], ref_in[1], ref_in[2] if with_bias else None)
+    t_logits = torch.nn.functional.linear(t_hidden, t_head)
+    kd = get_loss(name, fused=False, **params)(logits, t_logits, labels)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    (kd + ce_weight * ce).backward()
+
+    torch.testing.assert_close(parts.loss.double(), (kd + ce_weight * ce).detach().double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts.kd.double(), kd.detach().double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(parts.ce.double(), ce.detach().double(), rtol=1e-5, atol=1e-6)
+    for ours, ref in zip(ours_in[: 3 if with_bias else 2], ref_in):
+        torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-4, atol=1e-6)
+    assert ours_in[2].grad is None or with_bias
+
+
+def test_linear_path_matches_the_logits_path_parts():
+    s_hidden, s_head, _, t_hidden, t_head, labels = make_hidden(seed=3)
+    loss_fn = get_loss("atkd", chunk_rows=3)
+    linear = loss_fn.linear(s_hidden, s_head, t_hidden, t_head, labels, ce_weight=1.0)
+    logits = s_hidden @ s_head.T
+    full = loss_fn.parts(logits, t_hidden @ t_head.T, labels, ce_weight=1.0)
+    for field in ("loss", "kd", "ce", "contributions", "unc"):
+        torch.testing.assert_close(getattr(linear, field).double(), getattr(full, field).double().detach())
+    valid = labels != -100
+    unc = 1 - torch.softmax(t_hidden @ t_head.T, -1)[valid].gather(1, labels[valid][:, None]).squeeze(1)
+    torch.testing.assert_close(linear.unc.double(), unc, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fkl", "atkd"])
+def test_hard_and_easy_parts_add_up_to_the_kd_loss(name):
+    student, teacher, labels = make_batch(seed=11)
+    parts = get_loss(name).parts(student, teacher, labels)
+    hard, easy = parts.hard_easy(0.5)
+    assert hard + easy == pytest.approx(float(parts.kd), rel=1e-5)
+    assert hard > 0 and easy >= 0
+    if name == "atkd":  # the easy group carries DKD only, with weight lam / n_easy
+        valid = labels != -100
+        tkd, dkd = tkd_dkd(torch.log_softmax(teacher[valid], -1), torch.log_softmax(student[valid].detach(), -1),
+                           labels[valid])
+        from kdviz.losses import hard_mask
+        easy_mask = ~hard_mask(parts.unc, 0.5)
+        assert easy == pytest.approx(float(0.2 * dkd[easy_mask].mean()), rel=1e-4)
+
+
+def test_linear_path_rejects_per_token_reduction_and_bad_shapes():
+    s_hidden, s_head, _, t_hidden, t_head, labels = make_hidden()
+    with pytest.raises(ValueError, match="reduction"):
+        get_loss("fkl", reduction="none").linear(s_hidden, s_head, t_hidden, t_head, labels)
+    with pytest.raises(ValueError, match="teacher_head"):
+        get_loss("fkl").linear(s_hidden, s_head, t_hidden, t_head[:-1], labels)
