@@ -1,4 +1,4 @@
-"""`kdviz` command line: analyze, demo, zoo."""
+"""`kdviz` command line: analyze, demo, distill, zoo."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ EPILOG = """examples:
                 --limit 64 --out table.parquet
   kdviz analyze --teacher Qwen/Qwen2.5-1.5B --student Qwen/Qwen2.5-0.5B \\
                 --data train.jsonl --out table.parquet   (hub ids need network access)
+  kdviz distill --teacher zoo:teacher-l --student zoo:student --data zoo:docstrings \
+                --loss atkd --steps 300 --out runs/atkd   fine-tune, save the student + metrics.json
   kdviz zoo build --tiny --out /tmp/zoo         a micro zoo in under two minutes
 
 Models: a Hugging Face hub id, a local folder saved with save_pretrained, or a zoo name
@@ -62,6 +64,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="kdviz-out", help="output folder (default ./kdviz-out)")
     demo.add_argument("--limit", type=int, default=48, help="examples per embedded dataset (default 48)")
     demo.add_argument("--device", default=None, help="cpu or cuda")
+
+    distill = commands.add_parser("distill", help="fine-tune the student from the teacher with a KD objective",
+                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    distill.add_argument("--teacher", required=True, help="teacher model: hub id, local folder or zoo:NAME")
+    distill.add_argument("--student", required=True, help="student model to fine-tune (same tokenizer)")
+    distill.add_argument("--data", required=True, help="zoo:docstrings, zoo:code, a .jsonl file, or a text file/folder")
+    distill.add_argument("--out", required=True, help="folder for the fine-tuned student (HF format) and metrics.json")
+    distill.add_argument("--loss", default="atkd", help="fkl, rkl, jsd, tvd, skl, srkl, dkd, atkd or okd (default atkd)")
+    distill.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    distill.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                         help="objective parameter, repeatable: --param lam=0.2 --param k=0.5 --param base=rkl")
+    distill.add_argument("--ce-weight", type=float, default=0.0, help="weight of the cross-entropy term (default 0)")
+    distill.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    distill.add_argument("--lr", type=float, default=5e-4, help="peak learning rate, cosine schedule (default 5e-4)")
+    distill.add_argument("--eval-size", type=int, default=32, help="examples held out for evaluation (default 32)")
+    distill.add_argument("--limit", type=int, default=None, help="use only the first N examples")
+    distill.add_argument("--seed", type=int, default=0, help="seed for the split, the order and the init (default 0)")
+    distill.add_argument("--device", default=None, help="cpu or cuda")
 
     zoo = commands.add_parser("zoo", help="the embedded model zoo: list or rebuild it")
     zoo_commands = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
@@ -118,6 +138,35 @@ def run_demo(args) -> None:
     print("Explore:     jupyter lab, then table = kdviz.TokenTable.load(path); table.df / table.summary()")
 
 
+def _parse_params(items: list[str]) -> dict:
+    params = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise ValueError(f"--param wants NAME=VALUE (e.g. --param lam=0.2), got {item!r}.")
+        try:
+            params[name] = float(value)
+        except ValueError:
+            params[name] = value
+    return params
+
+
+def run_distill(args) -> None:
+    from kdviz.train import distill
+
+    result = distill(args.teacher, args.student, args.data, loss=args.loss, steps=args.steps, out_dir=args.out,
+                     eval_size=args.eval_size, limit=args.limit, batch_size=args.batch_size, learning_rate=args.lr,
+                     seed=args.seed, device=args.device, loss_params=_parse_params(args.param),
+                     ce_weight=args.ce_weight)
+    rouge = {name: "n/a" if r.rouge_l is None else f"{r.rouge_l:.3f}" for name, r in
+             (("before", result.before), ("after", result.after))}
+    print(f"\n{args.loss} on {result.settings['data']}: {args.steps} steps in {result.train_seconds:.0f} s")
+    print(f"{'':8}{'eval loss':>10}{'agreement':>11}{'ROUGE-L':>9}")
+    for name, r in (("before", result.before), ("after", result.after)):
+        print(f"{name:8}{r.loss:>10.3f}{r.agreement:>11.3f}{rouge[name]:>9}")
+    print(f"\nStudent: {Path(args.out).resolve()}  Metrics: {Path(args.out).resolve() / 'metrics.json'}")
+
+
 def run_zoo(args) -> None:
     from kdviz import zoo
 
@@ -134,7 +183,7 @@ def run_zoo(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"analyze": run_analyze, "demo": run_demo, "zoo": run_zoo}
+    handlers = {"analyze": run_analyze, "demo": run_demo, "distill": run_distill, "zoo": run_zoo}
     if args.command not in handlers:
         parser.print_help()
         return 2

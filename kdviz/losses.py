@@ -348,14 +348,14 @@ class KDLoss:
         return weighted.sum()
 
     def linear(self, student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor,
-               labels: Tensor, *, ce_weight: float = 0.0, student_bias: Tensor | None = None,
-               teacher_bias: Tensor | None = None) -> LossParts:
+               labels: Tensor, *, ce_weight: float = 0.0, kd_weight: float = 1.0,
+               student_bias: Tensor | None = None, teacher_bias: Tensor | None = None) -> LossParts:
         """The loss from hidden states [B, T, H] and LM-head weights [V, H], never building [B, T, V].
 
         Student and teacher may have different hidden sizes; the heads must have the same V
-        rows (slice them to the shared vocabulary first). Adds `ce_weight` x the student's
-        mean cross-entropy on the targets. Gradients flow to the student's hidden states,
-        head weight and bias; the teacher side is constant.
+        rows (slice them to the shared vocabulary first). loss = kd_weight * kd + ce_weight * ce,
+        ce being the student's mean cross-entropy on the targets. Gradients flow to the student's
+        hidden states, head weight and bias; the teacher side is constant.
         """
         vocab = student_head.shape[0]
         if teacher_head.shape[0] != vocab or student_hidden.shape[:-1] != labels.shape \
@@ -375,7 +375,8 @@ class KDLoss:
         rows, weights = self._rows_and_weights(teacher, y, chunk)
         ce_weights = torch.full((len(y),), ce_weight / len(y), device=hidden.device)
         total, kd_tokens, ce_tokens, unc = _ChunkedLinearLoss.apply(
-            hidden, student_head, student_bias, teacher, y, rows, weights, ce_weights, self.objective, self.params, chunk)
+            hidden, student_head, student_bias, teacher, y, rows, weights * kd_weight, ce_weights, self.objective,
+            self.params, chunk)
         contributions = kd_tokens * weights
         return LossParts(total, contributions.sum(), ce_tokens.mean(), contributions, unc)
 

@@ -1,0 +1,82 @@
+"""Every notebook runs headlessly under papermill (small parameters) and writes what it promises."""
+
+import json
+from pathlib import Path
+
+import nbformat
+import polars as pl
+import pytest
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+SMALL = {
+    "01_token_inspector": {"limit": 4},
+    "02_teaching_modes": {"teachers": ["zoo:teacher-s", "zoo:teacher-l"], "limit": 4},
+    "03_distill": {"teachers": ["zoo:teacher-s"], "steps": 3, "limit": 24},
+    "04_teacher_size": {"teachers": ["zoo:teacher-s", "zoo:teacher-m"], "steps": 2, "limit": 24},
+    "05_workshop": {"student_target": 0.2},
+}
+
+
+def run(name, tmp_path):
+    import papermill
+
+    out_dir = tmp_path / name
+    papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(tmp_path / f"{name}.out.ipynb"),
+                               parameters={**SMALL[name], "out_dir": str(out_dir)}, kernel_name="python3",
+                               cwd=str(tmp_path), progress_bar=False)
+    return out_dir, nbformat.read(tmp_path / f"{name}.out.ipynb", as_version=4)
+
+
+def static_html_outputs(nb) -> list[str]:
+    return [o["data"]["text/html"] for cell in nb.cells for o in cell.get("outputs", [])
+            if "text/html" in o.get("data", {})]
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_notebook_is_committed_clean_with_a_parameters_cell(name):
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert "parameters" in code[0].metadata.get("tags", [])
+    assert all(not c.outputs and c.execution_count is None for c in code)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+
+
+def test_token_inspector_notebook(tmp_path):
+    out, nb = run("01_token_inspector", tmp_path)
+    tokens = pl.read_parquet(out / "tokens.parquet")
+    summary = json.loads((out / "summary.json").read_text())
+    assert tokens["doc_id"].n_unique() == 4
+    assert summary["all"]["tokens"] == int(tokens["is_response"].sum())
+    html = "\n".join(static_html_outputs(nb))
+    assert "<span" in html and "cdn.plot.ly" not in html and "plotly" in html
+
+
+def test_teaching_modes_notebook(tmp_path):
+    out, _ = run("02_teaching_modes", tmp_path)
+    ladder = pl.read_parquet(out / "ladder.parquet")
+    assert set(ladder["teacher"]) == {"zoo:teacher-s", "zoo:teacher-l"}
+    assert set(ladder["group"]) == {"hard", "easy", "all"}
+    assert ladder.filter(pl.col("group") == "all")["dkd_weight"].is_between(0, 1).all()
+
+
+def test_distill_notebook(tmp_path):
+    out, _ = run("03_distill", tmp_path)
+    runs = pl.read_parquet(out / "runs.parquet")
+    assert runs["loss"].to_list() == ["fkl", "atkd"] and (runs["steps"] == 3).all()
+    assert runs["eval_loss"].is_finite().all()
+
+
+def test_teacher_size_notebook(tmp_path):
+    out, _ = run("04_teacher_size", tmp_path)
+    runs = pl.read_parquet(out / "runs.parquet")
+    assert len(runs) == 4 and set(runs["loss"]) == {"fkl", "atkd"}
+    conclusion = (out / "conclusion.txt").read_text()
+    best_fkl = runs.filter(pl.col("loss") == "fkl").sort("eval_loss")["teacher"][0]
+    assert conclusion.startswith("With fkl:") and best_fkl in conclusion.splitlines()[0]
+
+
+def test_workshop_notebook(tmp_path):
+    out, nb = run("05_workshop", tmp_path)
+    sweep = pl.read_parquet(out / "sweep.parquet")
+    assert sweep["weighted_dkd"].to_list()[-1] < sweep["weighted_dkd"].to_list()[0]
+    assert ((sweep["tkd"] + sweep["weighted_dkd"] - sweep["kl"]).abs() < 1e-6).all()

@@ -1,0 +1,175 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_gpt2
+from kdviz import load_pair
+from kdviz.data import from_records
+from kdviz.losses import get_loss
+from kdviz.train import (DistillConfig, DistillTrainer, OnlineAdapter, _batch_dict, distill, evaluate_student,
+                         rouge_l)
+
+RECORDS = [{"prompt": f"def f{i}(a, b):\n    \"\"\"Return the sum.\"\"\"\n", "response": "    return a + b\n"}
+           for i in range(6)] + [{"prompt": "The teacher knows", "response": " more than the student."}] * 4
+
+
+def config(tmp_path, **kwargs):
+    defaults = dict(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+                    logging_steps=1, disable_tqdm=True, use_cpu=True, eval_generate_examples=2,
+                    eval_generate_tokens=4)
+    return DistillConfig(**{**defaults, **kwargs})
+
+
+def make_trainer(tokenizer, tmp_path, **kwargs):
+    data = from_records(RECORDS, tokenizer, max_length=64)
+    student, teacher = tiny_gpt2(tokenizer, seed=2).train(), tiny_gpt2(tokenizer, n_embd=32, n_layer=2, seed=1)
+    return DistillTrainer(model=student, teacher=teacher, args=config(tmp_path, **kwargs), train_dataset=data,
+                          eval_dataset=data, processing_class=tokenizer), data
+
+
+@pytest.mark.parametrize("loss,params", [("fkl", {}), ("atkd", {"lam": 0.3}), ("atkd", {"base": "rkl"}),
+                                         ("jsd", {"beta": 0.5})])
+@pytest.mark.parametrize("fused_linear", [True, False])
+def test_step_loss_and_gradients_match_the_plain_loss_on_shifted_logits(tokenizer, tmp_path, loss, params,
+                                                                         fused_linear):
+    trainer, data = make_trainer(tokenizer, tmp_path, loss=loss, loss_params=params, ce_weight=0.5,
+                                 fused_linear=fused_linear)
+    assert trainer.use_linear == fused_linear
+    batch = _batch_dict(list(data)[:4], tokenizer.pad_token_id)
+    student = trainer.model.eval()  # no dropout: both passes see the same network
+    ours = trainer.compute_loss(student, batch)
+    ours_grads = torch.autograd.grad(ours, list(student.parameters()))
+
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    with torch.no_grad():
+        t_logits = trainer.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    reference = get_loss(loss, fused=False, **params)(logits, t_logits, labels) + 0.5 * F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    ref_grads = torch.autograd.grad(reference, list(student.parameters()))
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_training_moves_the_student_not_the_teacher_and_logs_hard_easy_parts(tokenizer, tmp_path):
+    trainer, _ = make_trainer(tokenizer, tmp_path, loss="atkd")
+    teacher_before = [p.clone() for p in trainer.teacher.parameters()]
+    student_before = [p.clone() for p in trainer.model.parameters()]
+    trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, trainer.teacher.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(student_before, trainer.model.parameters()))
+    logs = [entry for entry in trainer.state.log_history if "kd" in entry]
+    assert len(logs) == 3
+    for entry in logs:
+        assert entry["kd_hard"] + entry["kd_easy"] == pytest.approx(entry["kd"], rel=1e-5)
+        assert entry["loss"] == pytest.approx(entry["kd"], rel=1e-4)  # ce_weight 0
+        assert 0 <= entry["unc"] <= 1
+
+
+def test_okd_trains_a_small_adapter_and_keeps_the_teacher_frozen(tokenizer, tmp_path):
+    trainer, _ = make_trainer(tokenizer, tmp_path, loss="okd", okd_rank=2, okd_pull=0.5)
+    assert isinstance(trainer.adapter, OnlineAdapter)
+    adapter_params = sum(p.numel() for p in trainer.adapter.parameters())
+    assert adapter_params <= 0.05 * sum(p.numel() for p in trainer.teacher.parameters())
+    up_before = trainer.adapter.up.weight.clone()
+    assert torch.count_nonzero(up_before) == 0  # starts as the identity: the plain teacher
+    teacher_before = [p.clone() for p in trainer.teacher.parameters()]
+    trainer.train()
+    assert not torch.equal(up_before, trainer.adapter.up.weight)
+    assert all(torch.equal(a, b) for a, b in zip(teacher_before, trainer.teacher.parameters()))
+    logs = [entry for entry in trainer.state.log_history if "adapter_ce" in entry]
+    assert len(logs) == 3 and all(entry["adapter_pull"] >= 0 for entry in logs)
+
+
+def test_evaluate_reports_loss_agreement_and_rouge(tokenizer, tmp_path, pair):
+    data = from_records(RECORDS, tokenizer, max_length=64)
+    result = evaluate_student(pair, data, batch_size=3, generate_examples=2, max_new_tokens=4)
+    ids, mask, labels = (_batch_dict(list(data), tokenizer.pad_token_id)[k] for k in ("input_ids", "attention_mask",
+                                                                                     "labels"))
+    teacher, student = pair.logits(ids, mask)
+    valid = labels[:, 1:] != -100
+    ce = F.cross_entropy(student[:, :-1][valid], labels[:, 1:][valid])
+    agreement = (student[:, :-1][valid].argmax(-1) == teacher[:, :-1][valid].argmax(-1)).float().mean()
+    assert result.tokens == int(valid.sum())
+    assert result.loss == pytest.approx(float(ce), rel=1e-5)
+    assert result.agreement == pytest.approx(float(agreement))
+    assert 0 <= result.rouge_l < 1
+
+
+def test_rouge_l_is_one_for_a_model_that_learned_the_response(tokenizer):
+    data = from_records(RECORDS[:1], tokenizer, max_length=64)
+    model = tiny_gpt2(tokenizer, n_embd=32, seed=3).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batch = _batch_dict(list(data), tokenizer.pad_token_id)
+    for _ in range(60):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    model.eval()
+    assert rouge_l(model, tokenizer, list(data), max_new_tokens=32) == pytest.approx(1.0)
+    assert rouge_l(tiny_gpt2(tokenizer, seed=4), tokenizer, list(data), max_new_tokens=32) < 0.5
+    plain_text = from_records([{"prompt": "", "response": "return a + b"}], tokenizer, max_length=64)
+    assert rouge_l(model, tokenizer, list(plain_text), max_new_tokens=8) is None  # no prompt to continue
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"loss": "kl"}, "Unknown loss 'kl'; choose one of fkl, rkl"),
+    ({"loss": "atkd", "loss_params": {"lam": 2}}, "lam=2 is not allowed"),
+    ({"loss": "fkl", "loss_params": {"lam": 0.2}}, "has no parameter"),
+    ({"ce_weight": -1}, "ce_weight=-1 is not allowed"),
+    ({"loss": "okd", "okd_base": "ce"}, "okd_base='ce'"),
+    ({"okd_rank": 0}, "okd_rank=0"),
+])
+def test_config_rejects_bad_settings_with_what_is_allowed(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        config(tmp_path, **kwargs)
+
+
+def test_config_fields_carry_help():
+    from dataclasses import fields
+
+    ours = [f for f in fields(DistillConfig) if f.name in ("loss", "loss_params", "ce_weight", "okd_rank", "okd_pull")]
+    assert len(ours) == 5 and all(f.metadata.get("help") for f in ours)
+
+
+def test_distill_saves_a_loadable_student_and_metrics(model_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    result = distill(model_dirs["teacher"], model_dirs["student"], RECORDS * 2, loss="fkl", steps=12, out_dir=out,
+                     eval_size=4, batch_size=4, learning_rate=1e-2, device="cpu", progress=False,
+                     eval_generate_examples=2, eval_generate_tokens=4)
+    curves = result.curves()
+    assert len(curves) == 12 and curves[-1]["kd"] < curves[0]["kd"]  # the student moves toward the teacher
+    assert result.after.agreement >= result.before.agreement
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["after"]["loss"] == pytest.approx(result.after.loss)
+    assert saved["settings"]["train_examples"] == 16 and saved["settings"]["eval_examples"] == 4
+    original = AutoModelForCausalLM.from_pretrained(model_dirs["student"]).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert any(not torch.equal(original[k], trained[k]) for k in original)
+    pair = load_pair(model_dirs["teacher"], out, device="cpu")  # the tokenizer was saved with the student
+    assert pair.vocab_size == len(pair.tokenizer)
+
+
+def test_cli_distill_runs_and_reports(model_dirs, tmp_path):
+    out = tmp_path / "cli-run"
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in RECORDS * 2))
+    cmd = [sys.executable, "-m", "kdviz.cli", "distill", "--teacher", str(model_dirs["teacher"]), "--student",
+           str(model_dirs["student"]), "--data", str(data), "--loss", "atkd", "--param", "lam=0.3", "--steps", "4",
+           "--eval-size", "4", "--batch-size", "4", "--out", str(out), "--device", "cpu"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "eval loss" in done.stdout and (out / "config.json").exists()
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["settings"]["loss_params"]["lam"] == 0.3 and saved["steps"] == 4
+
+    bad = subprocess.run(cmd[:10] + ["--loss", "kl", "--out", str(tmp_path / "x")], capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode == 2 and "Unknown loss 'kl'" in bad.stderr and "Traceback" not in bad.stderr
