@@ -252,6 +252,12 @@ class DistillTrainer(Trainer):
         else:
             parts = self.kd.parts(F.linear(s_hidden, s_head, s_bias), F.linear(t_hidden, t_head, t_bias), labels,
                                   ce_weight=self.args.ce_weight)
+        if not torch.isfinite(parts.kd) or not torch.isfinite(parts.ce):
+            raise ValueError(
+                f"Step {self.state.global_step}: the loss is not finite (kd={float(parts.kd)}, ce={float(parts.ce)}). "
+                "Check the teacher's outputs for NaN/inf (fp16 overflow), or lower the learning rate "
+                f"(now {self.args.learning_rate})."
+            )
         hard, easy = parts.hard_easy(self.args.log_fraction)
         self._record(kd=float(parts.kd), kd_hard=hard, kd_easy=easy, ce=float(parts.ce), unc=float(parts.unc.mean()))
         loss = parts.loss + extra

@@ -173,3 +173,25 @@ def test_cli_distill_runs_and_reports(model_dirs, tmp_path):
     bad = subprocess.run(cmd[:10] + ["--loss", "kl", "--out", str(tmp_path / "x")], capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and "Unknown loss 'kl'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_trainer_evaluate_reports_and_logs_the_student_metrics(tokenizer, tmp_path):
+    from kdviz.models import ModelPair
+
+    trainer, data = make_trainer(tokenizer, tmp_path, loss="fkl")
+    metrics = trainer.evaluate()
+    direct = evaluate_student(ModelPair(trainer.teacher, trainer.model, tokenizer), data, batch_size=8,
+                              generate_examples=2, max_new_tokens=4)
+    assert metrics["eval_loss"] == pytest.approx(direct.loss) and metrics["eval_agreement"] == pytest.approx(
+        direct.agreement)
+    assert trainer.state.log_history[-1]["eval_loss"] == metrics["eval_loss"]
+    assert trainer.model.training  # evaluation puts the student back in training mode
+
+
+def test_a_non_finite_loss_stops_training_with_a_clear_error(tokenizer, tmp_path):
+    trainer, data = make_trainer(tokenizer, tmp_path, loss="fkl")
+    with torch.no_grad():
+        trainer.teacher.get_output_embeddings().weight[0, 0] = float("nan")
+    batch = _batch_dict(list(data)[:4], tokenizer.pad_token_id)
+    with pytest.raises(ValueError, match="Step 0: the loss is not finite"):
+        trainer.compute_loss(trainer.model, batch)

@@ -10,7 +10,19 @@ __all__ = ["DistillLauncher", "LiveCurves", "TokenInspector", "TokenStrip", "Toy
 
 
 def setup_notebook() -> None:
-    """Plotly figures render live in JupyterLab and as inline, offline HTML in executed copies."""
-    import plotly.io as pio
+    """Plotly figures render live in JupyterLab and as inline, offline HTML in executed copies.
 
-    pio.renderers.default = "plotly_mimetype+notebook"
+    plotly.js is embedded once in the notebook (no CDN); figures leave out MathJax, which
+    plotly's own notebook renderer would fetch from a CDN.
+    """
+    import plotly.io as pio
+    from plotly.io._base_renderers import NotebookRenderer
+
+    class OfflineNotebookRenderer(NotebookRenderer):
+        def to_mimebundle(self, fig_dict):
+            html = pio.to_html(fig_dict, include_plotlyjs=False, include_mathjax=False, full_html=False,
+                               default_width="100%", default_height=525, validate=False)
+            return {"text/html": html}
+
+    pio.renderers["kdviz_offline"] = OfflineNotebookRenderer(connected=False)
+    pio.renderers.default = "plotly_mimetype+kdviz_offline"
