@@ -10,8 +10,9 @@ Every objective works on fp32 log-probabilities [R, V] of the valid rows (label 
 ignore_index). The chunked path (`fused=True`, the default) computes value and gradient one
 chunk of rows at a time inside a custom autograd function, so its extra memory is the
 gradient buffer plus O(chunk x V), instead of several [B, T, V] intermediates.
-`fused_linear_loss` goes further: it takes hidden states and LM-head weights and never builds
-the full logits.
+`KDLoss.linear` goes further: it takes hidden states and LM-head weights and never builds the
+full logits; `KDLoss.parts` and `KDLoss.linear` return `LossParts` (KD and CE parts, each
+token's share, teacher uncertainty) for training logs.
 """
 
 from __future__ import annotations
