@@ -1,5 +1,10 @@
 """Widget behaviour driven from Python: set a control, assert the view changed."""
 
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 from plotly.callbacks import Points
 
@@ -122,3 +127,19 @@ def test_launcher_controls_and_a_run_with_live_curves(model_dirs):
     assert launcher.results[0].settings["loss_params"]["lam"] == 0.4
     table = launcher.table()
     assert table["loss"].to_list() == ["atkd"] and "<table>" in launcher.table_view.value
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="needs node to run the widget's JavaScript")
+def test_token_strip_front_end_reports_clicks_and_hovers(tmp_path):
+    from kdviz.widgets.strip import TokenStrip
+
+    esm = tmp_path / "strip.mjs"
+    esm.write_text(TokenStrip._esm)
+    harness = Path(__file__).parent / "js" / "strip_harness.mjs"
+    done = subprocess.run(["node", str(harness), str(esm)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["texts"] == ["def", "·f↵"] and seen["breaks"] == 1  # a line break after a newline token
+    assert seen["hardBorder"] and seen["dimOpacity"] == "0.35" and seen["outlined"] == [False, True]
+    assert seen["saved"] == [{"selected": 1, "hovered": -1}, {"selected": 1, "hovered": 0}]
+    assert seen["selectedShadow"] == [False, True]
