@@ -197,14 +197,19 @@ class _ChunkedLoss(torch.autograd.Function):
             grad.index_copy_(0, index[span], chunk_grad)
             per_token[span] = tokens.detach()
         ctx.save_for_backward(grad, index)
+        ctx.used = False
         return per_token
 
     @staticmethod
     def backward(ctx, grad_per_token):
+        if ctx.used:
+            raise RuntimeError("A fused kdviz loss can be backpropagated once (its gradient buffer is scaled in "
+                               "place); compute the loss again, or use fused=False for a second backward.")
+        ctx.used = True
         grad, index = ctx.saved_tensors
         scale = torch.zeros(len(grad), dtype=grad.dtype, device=grad.device)
         scale[index] = grad_per_token.to(grad.dtype)
-        return grad * scale[:, None], None, None, None, None, None, None, None
+        return grad.mul_(scale[:, None]), None, None, None, None, None, None, None  # in place: no second [B*T, V]
 
 
 class _ChunkedLinearLoss(torch.autograd.Function):

@@ -212,3 +212,11 @@ def test_linear_path_rejects_per_token_reduction_and_bad_shapes():
         get_loss("fkl", reduction="none").linear(s_hidden, s_head, t_hidden, t_head, labels)
     with pytest.raises(ValueError, match="teacher_head"):
         get_loss("fkl").linear(s_hidden, s_head, t_hidden, t_head[:-1], labels)
+
+
+def test_fused_loss_refuses_a_second_backward_instead_of_a_wrong_gradient():
+    student, teacher, labels = make_batch(seed=5)
+    loss = get_loss("fkl")(student, teacher, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated once"):
+        loss.backward()
