@@ -107,13 +107,18 @@ def final_hidden(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     return out.hidden_states[-1]
 
 
+def model_logits(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The model's own logits [B, T, V] (whatever its head does)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask)).logits
+
+
 def head_is_linear(model, input_ids: Tensor) -> bool:
     """Whether logits == output_embeddings(final hidden state) (no soft-capping or scaling)."""
     mask, was_training = torch.ones_like(input_ids), model.training
     model.eval()  # no dropout between the two passes
     with torch.no_grad():
         hidden = final_hidden(model, input_ids, mask)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits
+        logits = model_logits(model, input_ids, mask)
     model.train(was_training)
     return torch.allclose(model.get_output_embeddings()(hidden).float(), logits.float(), rtol=1e-3, atol=1e-3)
 
@@ -222,7 +227,11 @@ class DistillTrainer(Trainer):
             self.pull = get_loss("rkl")  # with the adapter in the student's seat: KL(adapted || student)
         self._metrics: dict[str, list[float]] = {}
         probe = torch.arange(min(8, self.vocab_size), device=self.args.device)[None]
-        self.use_linear = self.args.fused_linear and all(head_is_linear(m, probe) for m in (self.model, self.teacher))
+        linear_heads = all(head_is_linear(m, probe) for m in (self.model, self.teacher))
+        if self.adapter is not None and not linear_heads:
+            raise ValueError("OKD adapts the teacher's final hidden state, so both models need a plain linear LM head "
+                             "(no logit soft-capping or scaling); use another loss with these models.")
+        self.use_linear = self.args.fused_linear and linear_heads
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -234,6 +243,26 @@ class DistillTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"][:, 1:]
+        if self.use_linear:
+            parts, extra = self._linear_parts(model, ids, mask, labels)
+        else:  # the models' own logits (soft-capped or scaled heads)
+            with torch.no_grad():
+                t_logits = model_logits(self.teacher, ids, mask)[:, :-1, : self.vocab_size]
+            s_logits = model_logits(model, ids, mask)[:, :-1, : self.vocab_size]  # position t predicts label t + 1
+            parts, extra = self.kd.parts(s_logits, t_logits, labels, ce_weight=self.args.ce_weight), 0.0
+        if not torch.isfinite(parts.kd) or not torch.isfinite(parts.ce):
+            raise ValueError(
+                f"Step {self.state.global_step}: the loss is not finite (kd={float(parts.kd)}, ce={float(parts.ce)}). "
+                "Check the teacher's outputs for NaN/inf (fp16 overflow), or lower the learning rate "
+                f"(now {self.args.learning_rate})."
+            )
+        hard, easy = parts.hard_easy(self.args.log_fraction)
+        self._record(kd=float(parts.kd), kd_hard=hard, kd_easy=easy, ce=float(parts.ce), unc=float(parts.unc.mean()))
+        loss = parts.loss + extra
+        return (loss, None) if return_outputs else loss
+
+    def _linear_parts(self, model, ids: Tensor, mask: Tensor, labels: Tensor):
+        """(student LossParts, adapter loss or 0) from final hidden states and LM heads."""
         with torch.no_grad():
             t_hidden = final_hidden(self.teacher, ids, mask)[:, :-1]  # position t predicts label t + 1
         t_head, t_bias = _head(self.teacher, self.vocab_size)
@@ -246,22 +275,9 @@ class DistillTrainer(Trainer):
                                     kd_weight=self.args.okd_pull, student_bias=t_bias, teacher_bias=s_bias)
             self._record(adapter_ce=float(pull.ce), adapter_pull=float(pull.kd))
             extra, t_hidden = pull.loss, adapted.detach()
-        if self.use_linear:
-            parts = self.kd.linear(s_hidden, s_head, t_hidden, t_head, labels, ce_weight=self.args.ce_weight,
-                                   student_bias=s_bias, teacher_bias=t_bias)
-        else:
-            parts = self.kd.parts(F.linear(s_hidden, s_head, s_bias), F.linear(t_hidden, t_head, t_bias), labels,
-                                  ce_weight=self.args.ce_weight)
-        if not torch.isfinite(parts.kd) or not torch.isfinite(parts.ce):
-            raise ValueError(
-                f"Step {self.state.global_step}: the loss is not finite (kd={float(parts.kd)}, ce={float(parts.ce)}). "
-                "Check the teacher's outputs for NaN/inf (fp16 overflow), or lower the learning rate "
-                f"(now {self.args.learning_rate})."
-            )
-        hard, easy = parts.hard_easy(self.args.log_fraction)
-        self._record(kd=float(parts.kd), kd_hard=hard, kd_easy=easy, ce=float(parts.ce), unc=float(parts.unc.mean()))
-        loss = parts.loss + extra
-        return (loss, None) if return_outputs else loss
+        parts = self.kd.linear(s_hidden, s_head, t_hidden, t_head, labels, ce_weight=self.args.ce_weight,
+                               student_bias=s_bias, teacher_bias=t_bias)
+        return parts, extra
 
     def _record(self, **values: float) -> None:
         for key, value in values.items():

@@ -195,3 +195,32 @@ def test_a_non_finite_loss_stops_training_with_a_clear_error(tokenizer, tmp_path
     batch = _batch_dict(list(data)[:4], tokenizer.pad_token_id)
     with pytest.raises(ValueError, match="Step 0: the loss is not finite"):
         trainer.compute_loss(trainer.model, batch)
+
+
+def soft_capped_student(tokenizer):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(5)
+    config = Gemma2Config(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=0.5,
+                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                          bos_token_id=tokenizer.eos_token_id)
+    return Gemma2ForCausalLM(config).eval()
+
+
+def test_a_soft_capped_head_falls_back_to_the_models_own_logits(tokenizer, tmp_path):
+    data = from_records(RECORDS, tokenizer, max_length=64)
+    student, teacher = soft_capped_student(tokenizer), tiny_gpt2(tokenizer, n_embd=32, n_layer=2, seed=1)
+    trainer = DistillTrainer(model=student, teacher=teacher, args=config(tmp_path, loss="fkl"), train_dataset=data,
+                             processing_class=tokenizer)
+    assert not trainer.use_linear
+    batch = _batch_dict(list(data)[:4], tokenizer.pad_token_id)
+    ours = trainer.compute_loss(student, batch)
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    assert logits.abs().max() <= 0.5  # the cap is real, so head(hidden) would be the wrong logits
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    torch.testing.assert_close(ours, get_loss("fkl", fused=False)(logits, t_logits, batch["labels"][:, 1:]))
+    with pytest.raises(ValueError, match="OKD adapts the teacher's final hidden state"):
+        DistillTrainer(model=student, teacher=teacher, args=config(tmp_path, loss="okd"), train_dataset=data,
+                       processing_class=tokenizer)
