@@ -53,6 +53,13 @@ def test_filters_dim_the_tokens_they_hide(inspector):
                                                           for u in page_rows(inspector)["unc"]]
 
 
+def test_threshold_follows_the_metric_so_negative_values_are_not_hidden(inspector):
+    inspector.metric.value = "logp_gap"  # teacher minus student log-prob: often negative
+    assert inspector.threshold.min == pytest.approx(float(inspector.rows["logp_gap"].min()), abs=1e-6)
+    assert inspector.threshold.value == inspector.threshold.min
+    assert not any(t["dim"] for t in inspector.strip.tokens)
+
+
 def test_response_only_dims_prompt_tokens(table):
     inspector = TokenInspector(table, page_size=500)
     inspector.response_only.value = True

@@ -76,8 +76,9 @@ class TokenInspector:
                                                    title="uncertainty vs DKD (select to highlight)",
                                                    xaxis_title="teacher uncertainty u", yaxis_title="DKD"))
         self.scatter.data[0].on_selection(self._on_scatter_selection)
-        for control in (self.metric, self.show, self.response_only, self.threshold):
+        for control in (self.show, self.response_only, self.threshold):
             control.observe(lambda _: self._draw_strip(), "value")
+        self.metric.observe(lambda _: self._reset_threshold(), "value")
         self.doc.observe(lambda _: self._load_doc(), "value")
         self.page.observe(lambda _: self._draw_strip(), "value")
         self.jump.on_click(lambda _: self.jump_to_worst())
@@ -90,12 +91,23 @@ class TokenInspector:
         self.page.max = max(0, (len(self.rows) - 1) // self.page_size)
         self.page.value = 0
         self.strip.highlighted = []
+        self._reset_threshold()
         with self.scatter.batch_update():
             trace = self.scatter.data[0]
             trace.x, trace.y = self.rows["unc"].to_list(), self.rows["dkd"].to_list()
             trace.text = self.rows["token"].to_list()
             trace.marker.color = ["#d62728" if h else "#1f77b4" for h in self.rows["hard"]]
             trace.selectedpoints = None
+
+
+    def _reset_threshold(self) -> None:
+        """Span the threshold slider over this text's range of the metric and start at its minimum."""
+        values = self.rows[self.metric.value]
+        low, high = float(values.min() or 0), float(values.max() or 0)
+        with self.threshold.hold_trait_notifications():
+            self.threshold.min, self.threshold.max = -1e9, 1e9  # widen first so min <= max at every step
+            self.threshold.min, self.threshold.max = low, max(high, low + 1e-6)
+            self.threshold.value = low
         self._draw_strip()
 
     def _page_rows(self) -> pl.DataFrame:
@@ -112,7 +124,6 @@ class TokenInspector:
     def _draw_strip(self) -> None:
         metric = self.metric.value
         values = self.rows[metric]
-        self.threshold.max = max(1e-6, float(values.max() or 0))
         rows = self._page_rows()
         colors = token_colors(rows[metric].to_list(), low=float(values.min() or 0), high=float(values.quantile(0.99)
                                                                                           or 1))
