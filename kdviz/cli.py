@@ -135,7 +135,8 @@ def run_demo(args) -> None:
     print(f"\nDone in {time.perf_counter() - started:.0f} s.")
     print(f"Report:      {report.resolve()}  (open it in a browser; it works offline)")
     print(f"Token table: {parquet.resolve()}  (kdviz.TokenTable.load(path))")
-    print("Explore:     jupyter lab, then table = kdviz.TokenTable.load(path); table.df / table.summary()")
+    print("Explore:     jupyter lab notebooks/01_token_inspector.ipynb  (or kdviz.widgets.TokenInspector("
+          "kdviz.TokenTable.load(path)) in any notebook)")
 
 
 def _parse_params(items: list[str]) -> dict:
