@@ -19,7 +19,7 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from kdviz.data import IGNORE_INDEX, TokenDataset, collate, load_data
+from kdviz.data import IGNORE_INDEX, TokenDataset, collate, load_data, pad_id
 from kdviz.decompose import SCALAR_FIELDS, decompose
 from kdviz.models import ModelPair
 
@@ -138,8 +138,7 @@ class TokenTable:
 
 def _batch_rows(pair: ModelPair, examples, first_doc: int, *, padding_side: str, top_k: int, temperature: float) -> dict:
     """Per-token columns (as lists / tensors) for one batch of examples."""
-    pad_id = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
-    batch = collate(examples, pad_id=pad_id, padding_side=padding_side)
+    batch = collate(examples, pad_id=pad_id(pair.tokenizer), padding_side=padding_side)
     device = pair.device
     teacher, student = pair.logits(batch.input_ids.to(device), batch.attention_mask.to(device))
     real = (batch.attention_mask[:, :-1] * batch.attention_mask[:, 1:]).bool()  # (B, L-1)

@@ -310,6 +310,11 @@ class Batch:
     offsets: list[int]  # column where each example starts (non-zero with left padding)
 
 
+def pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, or 0 when it has none (padded positions are masked anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def collate(examples: list[Example], *, pad_id: int, padding_side: str = "right") -> Batch:
     """Pad examples to one [B, L] batch on the given side."""
     if padding_side not in ("right", "left"):

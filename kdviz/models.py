@@ -97,6 +97,11 @@ def fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted from each row's first real token, so left and right padding agree."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
 @dataclass
 class ModelPair:
     """A frozen teacher and a student over one tokenizer; logits cut to the shared vocab."""
@@ -143,8 +148,7 @@ class ModelPair:
                 f"Cannot run a sequence of {input_ids.shape[1]} tokens: the models' context is only "
                 f"{self.max_length}. Window the text (kdviz.data does so for plain text) or shorten it."
             )
-        position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
         teacher = self.teacher(**kwargs).logits[..., : self.vocab_size]
         student = self.student(**kwargs).logits[..., : self.vocab_size]
         return teacher, student

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
-from kdviz.data import IGNORE_INDEX, TokenDataset, collate
+from kdviz.data import IGNORE_INDEX, TokenDataset, collate, pad_id
 from kdviz.losses import OBJECTIVES, get_loss
-from kdviz.models import ModelPair
+from kdviz.models import ModelPair, position_ids
 
 LOSSES = (*OBJECTIVES, "okd")
 
@@ -96,20 +96,16 @@ class OnlineAdapter(nn.Module):
         return hidden + self.up(self.down(hidden))  # (B, T, H)
 
 
-def _positions(attention_mask: Tensor) -> Tensor:
-    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-
-
 def final_hidden(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """The hidden states the LM head reads [B, T, H], through the (possibly wrapped) model."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                 output_hidden_states=True, logits_to_keep=1)
     return out.hidden_states[-1]
 
 
 def model_logits(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     """The model's own logits [B, T, V] (whatever its head does)."""
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask)).logits
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
 
 
 def head_is_linear(model, input_ids: Tensor) -> bool:
@@ -174,10 +170,9 @@ def evaluate_student(pair: ModelPair, dataset, *, batch_size: int = 8, generate_
     """Score the pair's student on held-out examples (the teacher is the reference for agreement)."""
     was_training = pair.student.training
     pair.student.eval()
-    pad = pair.tokenizer.pad_token_id if pair.tokenizer.pad_token_id is not None else 0
     loss_sum, agree, count = 0.0, 0, 0
     for start in range(0, len(dataset), batch_size):
-        batch = collate(list(dataset[start : start + batch_size]), pad_id=pad)
+        batch = collate(list(dataset[start : start + batch_size]), pad_id=pad_id(pair.tokenizer))
         teacher, student = pair.logits(batch.input_ids.to(pair.device), batch.attention_mask.to(pair.device))
         teacher, student = teacher[:, :-1], student[:, :-1]  # position t predicts label t + 1
         labels = batch.labels[:, 1:].to(pair.device)
@@ -213,7 +208,7 @@ class DistillTrainer(Trainer):
         tokenizer = kwargs.get("processing_class")
         if tokenizer is None:
             raise ValueError("DistillTrainer needs processing_class=<the shared tokenizer> (for padding and ROUGE-L).")
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad = pad_id(tokenizer)
         kwargs.setdefault("data_collator", lambda examples: _batch_dict(examples, pad))
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False
@@ -304,8 +299,8 @@ class DistillTrainer(Trainer):
         return metrics
 
 
-def _batch_dict(examples, pad_id: int) -> dict[str, Tensor]:
-    batch = collate(examples, pad_id=pad_id)
+def _batch_dict(examples, pad: int) -> dict[str, Tensor]:
+    batch = collate(examples, pad_id=pad)
     return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels}
 
 
