@@ -26,6 +26,12 @@ Alpaca layouts are detected), or a text file or folder.
 """
 
 
+def _add_pair_options(parser: argparse.ArgumentParser, *, student_help: str) -> None:
+    parser.add_argument("--teacher", required=True, help="teacher model: hub id, local folder or zoo:NAME")
+    parser.add_argument("--student", required=True, help=student_help)
+    parser.add_argument("--data", required=True, help="zoo:code, zoo:docstrings, a .jsonl file, or a text file/folder")
+
+
 def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=float, default=0.5, help="fraction of target tokens marked hard (default 0.5)")
     parser.add_argument("--split", choices=["sequence", "batch", "dataset"], default="sequence",
@@ -49,9 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     analyze = commands.add_parser("analyze", help="per-token uncertainty and TKD/DKD of a teacher/student pair",
                                   epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    analyze.add_argument("--teacher", required=True, help="teacher model: hub id, local folder or zoo:NAME")
-    analyze.add_argument("--student", required=True, help="student model (same tokenizer as the teacher)")
-    analyze.add_argument("--data", required=True, help="zoo:code, zoo:docstrings, a .jsonl file, or a text file/folder")
+    _add_pair_options(analyze, student_help="student model (same tokenizer as the teacher)")
     analyze.add_argument("--out", required=True, help="where to write the token table (.parquet)")
     analyze.add_argument("--report", default=None, help="also write an offline HTML report here")
     analyze.add_argument("--prompt-field", default=None, help="JSONL field holding the prompt")
@@ -67,9 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = commands.add_parser("distill", help="fine-tune the student from the teacher with a KD objective",
                                   epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    distill.add_argument("--teacher", required=True, help="teacher model: hub id, local folder or zoo:NAME")
-    distill.add_argument("--student", required=True, help="student model to fine-tune (same tokenizer)")
-    distill.add_argument("--data", required=True, help="zoo:docstrings, zoo:code, a .jsonl file, or a text file/folder")
+    _add_pair_options(distill, student_help="student model to fine-tune (same tokenizer)")
     distill.add_argument("--out", required=True, help="folder for the fine-tuned student (HF format) and metrics.json")
     distill.add_argument("--loss", default="atkd", help="fkl, rkl, jsd, tvd, skl, srkl, dkd, atkd or okd (default atkd)")
     distill.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
