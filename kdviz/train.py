@@ -284,15 +284,19 @@ class DistillTrainer(Trainer):
             self._metrics.clear()
         super().log(logs, start_time)
 
+    def score(self, dataset) -> EvalResult:
+        """`evaluate_student` on `dataset` with this trainer's models and evaluation settings."""
+        pair = ModelPair(self.teacher, self.accelerator.unwrap_model(self.model), self.processing_class,
+                         vocab_size=self.vocab_size)
+        return evaluate_student(pair, dataset, batch_size=self.args.per_device_eval_batch_size,
+                                generate_examples=self.args.eval_generate_examples,
+                                max_new_tokens=self.args.eval_generate_tokens)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("No eval_dataset: pass one to DistillTrainer or to evaluate().")
-        pair = ModelPair(self.teacher, self.accelerator.unwrap_model(self.model), self.processing_class,
-                         vocab_size=self.vocab_size)
-        result = evaluate_student(pair, dataset, batch_size=self.args.per_device_eval_batch_size,
-                                  generate_examples=self.args.eval_generate_examples,
-                                  max_new_tokens=self.args.eval_generate_tokens)
+        result = self.score(dataset)
         metrics = {f"{metric_key_prefix}_{k}": v for k, v in asdict(result).items() if v is not None}
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -380,13 +384,11 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
                              callbacks=callbacks)
     if not progress:
         trainer.remove_callback(PrinterCallback)  # quiet: the log history is in the result
-    before = evaluate_student(pair, evaluation, batch_size=batch_size, generate_examples=args.eval_generate_examples,
-                              max_new_tokens=args.eval_generate_tokens)
+    before = trainer.score(evaluation)
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    after = evaluate_student(pair, evaluation, batch_size=batch_size, generate_examples=args.eval_generate_examples,
-                             max_new_tokens=args.eval_generate_tokens)
+    after = trainer.score(evaluation)
     settings = {"loss_params": trainer.kd.params, "ce_weight": args.ce_weight, "batch_size": batch_size,
                 "learning_rate": learning_rate, "seed": seed, "train_examples": len(train),
                 "eval_examples": len(evaluation), "data": dataset.description, "fused_linear": trainer.use_linear}
