@@ -18,7 +18,7 @@ token's share, teacher uncertainty) for training logs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -221,12 +221,14 @@ class _ChunkedLinearLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, teacher, y, rows, kd_weights, ce_weights, objective, params, chunk):
+    def forward(ctx, hidden, weight, bias, teacher, y, rows, kd_weights, ce_weights, known_unc, objective, params,
+                chunk):
         n = len(y)
         needs = ctx.needs_input_grad[:3]
         grads = [torch.zeros_like(t, dtype=torch.float32) if t is not None and need else None
                  for t, need in zip((hidden, weight, bias), needs)]
-        kd_tokens, ce_tokens, unc = (torch.empty(n, device=hidden.device) for _ in range(3))
+        kd_tokens, ce_tokens = (torch.empty(n, device=hidden.device) for _ in range(2))
+        unc = torch.empty(n, device=hidden.device) if known_unc is None else known_unc.clone()
         total = torch.zeros((), device=hidden.device)
         for start in range(0, n, chunk):
             span = slice(start, start + chunk)
@@ -250,7 +252,8 @@ class _ChunkedLinearLoss(torch.autograd.Function):
                     grads[i] += next(chunk_grads)
             total += chunk_total.detach()
             kd_tokens[span], ce_tokens[span] = kd.detach(), ce.detach()
-            unc[span] = teacher_uncertainty(t_logits, y[span], params["temperature"], len(t_logits))
+            if known_unc is None:  # ATKD computed it already for its split
+                unc[span] = teacher_uncertainty(t_logits, y[span], params["temperature"], len(t_logits))
         ctx.grads = grads
         ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
         ctx.mark_non_differentiable(kd_tokens, ce_tokens, unc)
@@ -259,7 +262,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, *unused):
         out = [None if g is None else (g * grad_total).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)]
-        return (*out, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None)
 
 
 class _LinearRows:
@@ -309,12 +312,13 @@ class KDLoss:
     def objective(self) -> Objective:
         return OBJECTIVES[self.name]
 
-    def _rows_and_weights(self, teacher: Tensor, y: Tensor, chunk: int) -> tuple[Tensor | None, Tensor]:
+    def _rows_and_weights(self, teacher: Tensor, y: Tensor, chunk: int) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        """(ATKD row weights or None, per-token weights, teacher uncertainty if it had to be computed)."""
         if self.objective.self_normalised:
             unc = teacher_uncertainty(teacher, y, self.params["temperature"], chunk)
-            return atkd_weights(unc, self.params), torch.ones(len(y), device=teacher.device)
+            return atkd_weights(unc, self.params), torch.ones(len(y), device=teacher.device), unc
         scale = 1.0 / max(1, len(y)) if self.reduction == "mean" else 1.0
-        return None, torch.full((len(y),), scale, device=teacher.device)
+        return None, torch.full((len(y),), scale, device=teacher.device), None
 
     def _targets(self, labels: Tensor, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
         """(valid mask [B, T], flat row index [N], target ids [N]) with the labels checked."""
@@ -342,11 +346,11 @@ class KDLoss:
         teacher = teacher_logits.detach().reshape(-1, vocab)
         chunk = self._chunk(vocab)
         if self.fused:
-            rows, weights = self._rows_and_weights(_RowView(teacher, index), y, chunk)
+            rows, weights, _ = self._rows_and_weights(_RowView(teacher, index), y, chunk)
             tokens = _ChunkedLoss.apply(student, teacher, index, y, rows, self.objective, self.params, chunk)
         else:
             student, teacher = student[index], teacher[index]
-            rows, weights = self._rows_and_weights(teacher, y, len(y))
+            rows, weights, _ = self._rows_and_weights(teacher, y, len(y))
             tokens = _chunk_token_loss(self.objective, self.params, student, teacher, y, rows)
         weighted = tokens * weights
         if self.reduction == "none":
@@ -378,19 +382,18 @@ class KDLoss:
         t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, index)
         teacher = _LinearRows(t_hidden, teacher_head, teacher_bias)
         chunk = self._chunk(vocab)
-        rows, weights = self._rows_and_weights(teacher, y, chunk)
+        rows, weights, known_unc = self._rows_and_weights(teacher, y, chunk)
         ce_weights = torch.full((len(y),), ce_weight / len(y), device=hidden.device)
         total, kd_tokens, ce_tokens, unc = _ChunkedLinearLoss.apply(
-            hidden, student_head, student_bias, teacher, y, rows, weights * kd_weight, ce_weights, self.objective,
-            self.params, chunk)
+            hidden, student_head, student_bias, teacher, y, rows, weights * kd_weight, ce_weights, known_unc,
+            self.objective, self.params, chunk)
         contributions = kd_tokens * weights
         return LossParts(total, contributions.sum(), ce_tokens.mean(), contributions, unc)
 
     def parts(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *,
               ce_weight: float = 0.0) -> LossParts:
         """Like `linear`, from full logits [B, T, V] (for models whose head is not a plain linear)."""
-        contributions_full = get_loss(self.name, reduction="none", fused=self.fused, ignore_index=self.ignore_index,
-                                      chunk_rows=self.chunk_rows, **self.params)(student_logits, teacher_logits, labels)
+        contributions_full = replace(self, reduction="none")(student_logits, teacher_logits, labels)
         valid, index, y = self._targets(labels, student_logits.shape[-1])
         contributions = contributions_full[valid]
         if self.reduction == "mean" and not self.objective.self_normalised:
