@@ -99,16 +99,17 @@ class TokenInspector:
             trace.marker.color = ["#d62728" if h else "#1f77b4" for h in self.rows["hard"]]
             trace.selectedpoints = None
 
-
     def _reset_threshold(self) -> None:
         """Span the threshold slider over this text's range of the metric and start at its minimum."""
         values = self.rows[self.metric.value]
         low, high = float(values.min() or 0), float(values.max() or 0)
+        moves = self.threshold.value != low
         with self.threshold.hold_trait_notifications():
             self.threshold.min, self.threshold.max = -1e9, 1e9  # widen first so min <= max at every step
             self.threshold.min, self.threshold.max = low, max(high, low + 1e-6)
             self.threshold.value = low
-        self._draw_strip()
+        if not moves:  # a moved value redraws through its observer
+            self._draw_strip()
 
     def _page_rows(self) -> pl.DataFrame:
         return self.rows.slice(self.page.value * self.page_size, self.page_size)
