@@ -67,8 +67,7 @@ def _check_inputs(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor
             f"labels {tuple(labels.shape)} must be [B, T] = {tuple(teacher_logits.shape[:2])}; "
             "shift before calling (logits[:, :-1] predict labels[:, 1:])."
         )
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    check_temperature(temperature)
     vocab = teacher_logits.shape[-1]
     targets = labels[labels != ignore_index]
     if targets.numel() and (targets.min() < 0 or targets.max() >= vocab):
@@ -77,6 +76,25 @@ def _check_inputs(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor
             f"label {bad} is outside the vocabulary [0, {vocab}) and is not ignore_index={ignore_index}; "
             "check that labels come from the same tokenizer as the logits."
         )
+
+
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+
+
+def check_temperature(temperature) -> float:
+    """ValueError unless `temperature` is a number in [1e-3, 1e3] (outside it, logits / T overflow or flatten)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+            or not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got "
+                         f"{temperature!r}; KD uses 1 (ATKD) to about 10.")
+    return float(temperature)
+
+
+def check_count(value, name: str, *, minimum: int) -> int:
+    """ValueError unless `value` is an integer >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return value
 
 
 class _Workspace:
@@ -104,26 +122,41 @@ def _log_parts(x: Tensor, target: Tensor, temperature: float, name: str, rest: T
 
     Returns (log_rest, rest, log_py, log_not_y): log_rest [R, V] = log p^ (-inf at column y),
     rest = p^ (0 at y), log_py = log p_y and log_not_y = log(1 - p_y), both [R].
-    One exp per element: p^ reuses the exponentials of the log-sum-exp.
+    One exp per element: p^ reuses the exponentials of the log-sum-exp. A -inf logit is an
+    entry of probability 0 (exact); a row whose every non-target logit is -inf has p_y = 1.
     """
     if temperature != 1.0:
         x.div_(temperature)
     x_y = x.gather(1, target[:, None]).squeeze(1)  # (R,)
     x.scatter_(1, target[:, None], float("-inf"))
-    row_max = x.amax(dim=1, keepdim=True)  # (R, 1), max over the non-target columns
-    x.sub_(row_max)
+    row_max = x.amax(dim=1, keepdim=True)  # (R, 1), max over the non-target columns; NaN if any is NaN
+    _check_finite(torch.maximum(row_max.squeeze(1), x_y), name, temperature)
+    empty = row_max == float("-inf")  # every non-target logit is -inf
+    if bool((empty.squeeze(1) & (x_y == float("-inf"))).any()):
+        raise ValueError(f"{name} logits are -inf for every token at some positions; no distribution is left. "
+                         "Check the logits processor or vocabulary mask.")
+    shift = row_max.masked_fill(empty, 0.0)
+    x.sub_(shift)
     torch.exp(x, out=rest)  # (R, V), unnormalised p^
-    total = rest.sum(dim=1, keepdim=True)  # (R, 1)
-    rest.div_(total)
-    x.sub_(total.log())  # log p^
-    gap = (row_max + total.log()).squeeze(1) - x_y  # lse_not_y - z_y = log((1 - p_y) / p_y), (R,)
-    if torch.isnan(gap).any() or (x_y == float("inf")).any():
-        raise ValueError(
-            f"{name} logits are not finite (NaN, +inf, or all -inf) at some positions; "
-            "check the model's forward pass (fp16 overflow is a common cause: try bf16 or fp32)."
-        )
+    total = rest.sum(dim=1, keepdim=True)  # (R, 1), >= 1 unless the row is empty
+    log_total = total.log()
+    rest.div_(total.masked_fill(empty, 1.0))
+    x.sub_(log_total.masked_fill(empty, 0.0))  # log p^
+    gap = (shift + log_total).squeeze(1) - x_y  # lse_not_y - z_y = log((1 - p_y) / p_y), (R,)
     # log p_y = -log(1 + e^gap), log(1 - p_y) = -log(1 + e^-gap): exact even when p_y ~ 1
     return x, rest, -torch.nn.functional.softplus(gap), -torch.nn.functional.softplus(-gap)
+
+
+def _check_finite(row_max: Tensor, name: str, temperature: float) -> None:
+    """ValueError when a row holds NaN or +inf (seen in its max: amax propagates NaN)."""
+    bad = torch.isnan(row_max) | (row_max == float("inf"))
+    if bool(bad.any()):
+        cause = (f" after dividing by temperature={temperature}" if temperature != 1.0 else "")
+        raise ValueError(
+            f"{name} logits contain NaN or +inf{cause} at {int(bad.sum())} of {len(bad)} positions of a chunk; "
+            "-inf (a masked token) is fine, NaN and +inf are not. Check the model's forward pass (fp16 overflow "
+            "is a common cause: try bf16 or fp32)."
+        )
 
 
 def _rank(logits: Tensor, target: Tensor) -> Tensor:
@@ -139,6 +172,11 @@ def _rowdot(a: Tensor, b: Tensor, scratch: Tensor) -> Tensor:
 def _weighted(log_w: Tensor, value: Tensor) -> Tensor:
     """exp(log_w) * value, with 0 where the weight is exactly 0 (0 * log 0 = 0)."""
     return torch.where(log_w > float("-inf"), log_w.exp() * value, 0.0)
+
+
+def _masked_rowdot(weights: Tensor, values: Tensor) -> Tensor:
+    """Row sums of weights * values over the entries whose weight is > 0 (0 * inf and 0 * NaN count as 0)."""
+    return torch.where(weights > 0, weights * values, 0.0).sum(dim=1)
 
 
 def _binary_kl(log_a: Tensor, log_1ma: Tensor, log_b: Tensor, log_1mb: Tensor) -> Tensor:
@@ -179,17 +217,23 @@ def _chunk_stats(z: Tensor, s: Tensor, y: Tensor, temperature: float, top_k: int
     scratch = ws.take("scratch", rows)
     unc, s_unc = t_log_unc.exp(), s_log_unc.exp()
     tkd = _binary_kl(t_logp, t_log_unc, s_logp, s_log_unc)
-    dkd = _rowdot(p_rest, log_ratio, scratch)
     reverse_tkd = _binary_kl(s_logp, s_log_unc, t_logp, t_log_unc)
-    reverse_dkd = -_rowdot(q_rest, log_ratio, scratch)
+    dots = torch.stack([_rowdot(p_rest, log_ratio, scratch), _rowdot(q_rest, log_ratio, scratch),
+                        _rowdot(p_rest, log_p_rest, scratch), _rowdot(q_rest, log_q_rest, scratch)])  # (4, R)
+    masked = torch.isnan(dots).any(dim=0).nonzero().squeeze(1)  # rows with -inf logits: 0 * inf
+    if len(masked):
+        p, q, ratio = p_rest[masked], q_rest[masked], log_ratio[masked]
+        dots[:, masked] = torch.stack([_masked_rowdot(p, ratio), _masked_rowdot(q, ratio),
+                                       _masked_rowdot(p, log_p_rest[masked]), _masked_rowdot(q, log_q_rest[masked])])
+    dkd, reverse_dkd = dots[0], -dots[1]
     out.update(
         unc=unc,
         tkd=tkd,
         dkd=dkd,
         kl=tkd + unc * dkd,
         rkl=reverse_tkd + s_unc * reverse_dkd,
-        t_entropy=_binary_entropy(t_logp, t_log_unc) - unc * _rowdot(p_rest, log_p_rest, scratch),
-        s_entropy=_binary_entropy(s_logp, s_log_unc) - s_unc * _rowdot(q_rest, log_q_rest, scratch),
+        t_entropy=_binary_entropy(t_logp, t_log_unc) - unc * dots[2],
+        s_entropy=_binary_entropy(s_logp, s_log_unc) - s_unc * dots[3],
         t_logp=t_logp,
         s_logp=s_logp,
     )
@@ -226,6 +270,9 @@ def decompose(
     """
     _check_inputs(teacher_logits, student_logits, labels, temperature, ignore_index)
     batch, seq, vocab = teacher_logits.shape
+    check_count(top_k, "top_k", minimum=0)
+    if chunk_rows is not None:
+        check_count(chunk_rows, "chunk_rows", minimum=1)
     if top_k > vocab:
         raise ValueError(f"top_k={top_k} exceeds the vocabulary size {vocab}.")
     valid = labels != ignore_index  # (B, T)

@@ -25,34 +25,67 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdviz.decompose import MAX_TEMPERATURE, MIN_TEMPERATURE, check_count
+
 DEFAULT_CHUNK_ELEMENTS = 1 << 21  # logits per chunk (8 MB of fp32)
 
 
+NEG_INF = float("-inf")
+
+
+def _kl_terms(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """a * (log a - log b) elementwise: 0 where a = 0 (a -inf log-prob), with finite gradients there."""
+    present = log_a > NEG_INF
+    return log_a.exp() * torch.where(present, log_a - log_b, 0.0)
+
+
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
-    """KL(a || b) per row from log-probabilities [R, V]."""
-    return (log_a.exp() * (log_a - log_b)).sum(-1)
+    """KL(a || b) per row from log-probabilities [R, V] (entries of probability 0 are exact)."""
+    return _kl_terms(log_a, log_b).sum(-1)
 
 
 def _mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
-    """log(weight_a * a + (1 - weight_a) * b)."""
-    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+    """log(weight_a * a + (1 - weight_a) * b); -inf where both are 0, with finite gradients there."""
+    both = (log_a == NEG_INF) & (log_b == NEG_INF)
+    mixed = torch.logaddexp(torch.where(both, 0.0, log_a + math.log(weight_a)),
+                            torch.where(both, 0.0, log_b + math.log1p(-weight_a)))
+    return mixed.masked_fill(both, NEG_INF)
+
+
+def _logsumexp(x: Tensor) -> Tensor:
+    """logsumexp over the last dim; -inf for a row of all -inf, with finite gradients there."""
+    empty = (x == NEG_INF).all(-1, keepdim=True)
+    return torch.logsumexp(x.masked_fill(empty, 0.0), -1).masked_fill(empty.squeeze(-1), NEG_INF)
+
+
+def log_probs(rows: Tensor, temperature: float, who: str) -> Tensor:
+    """log_softmax(rows / temperature) in fp32 [R, V]; ValueError for NaN, +inf or a row of all -inf."""
+    x = rows.float() / temperature
+    lse = torch.logsumexp(x, -1, keepdim=True)  # (R, 1); NaN or +inf if any entry is, -inf if all are -inf
+    if not bool(torch.isfinite(lse).all()):
+        raise ValueError(
+            f"{who} logits contain NaN or +inf (or a row of all -inf) at {int((~torch.isfinite(lse)).sum())} "
+            f"of {len(lse)} rows{'' if temperature == 1 else f' after dividing by temperature={temperature}'}; "
+            "-inf for a masked token is fine, NaN and +inf are not. Check the model's forward pass (fp16 overflow "
+            "is a common cause: try bf16 or fp32)."
+        )
+    return x - lse
 
 
 def tkd_dkd(log_p: Tensor, log_q: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     """(TKD, DKD) per row of KL(p || q) = TKD + (1 - p_y) * DKD, from log-probabilities [R, V].
 
-    No -inf enters a product, so gradients stay finite: the target column is removed by a
-    0/1 mask after the log-space shift.
+    Everything stays in log space and entries of probability 0 (-inf) contribute exactly 0,
+    with finite gradients; a row whose non-target entries are all 0 has DKD = 0.
     """
     target = F.one_hot(y, log_p.shape[-1]).bool()  # (R, V)
     log_py, log_qy = log_p.gather(1, y[:, None]).squeeze(1), log_q.gather(1, y[:, None]).squeeze(1)
-    log_not_p = torch.logsumexp(log_p.masked_fill(target, float("-inf")), -1)  # log(1 - p_y)
-    log_not_q = torch.logsumexp(log_q.masked_fill(target, float("-inf")), -1)
-    tkd = log_py.exp() * (log_py - log_qy) + log_not_p.exp() * (log_not_p - log_not_q)
-    log_p_rest = log_p - log_not_p[:, None]  # log p^ off the target
-    log_q_rest = log_q - log_not_q[:, None]
-    dkd = ((~target) * log_p_rest.exp() * (log_p_rest - log_q_rest)).sum(-1)
-    return tkd, dkd
+    log_not_p = _logsumexp(log_p.masked_fill(target, NEG_INF))  # log(1 - p_y)
+    log_not_q = _logsumexp(log_q.masked_fill(target, NEG_INF))
+    tkd = _kl_terms(log_py, log_qy) + _kl_terms(log_not_p, log_not_q)
+    log_p_rest = log_p.masked_fill(target, NEG_INF) - log_not_p.masked_fill(log_not_p == NEG_INF, 0.0)[:, None]
+    log_q_rest = log_q - log_not_q.masked_fill(log_not_q == NEG_INF, 0.0)[:, None]  # log p^, q^ off the target
+    return tkd, _kl(log_p_rest, log_q_rest)
 
 
 def fkl(log_q, log_p, y, rows, params):
@@ -109,9 +142,8 @@ def teacher_uncertainty(teacher_rows: Tensor, y: Tensor, temperature: float, chu
     parts = []
     with torch.no_grad():
         for start in range(0, len(y), chunk):
-            rows = teacher_rows[start : start + chunk].float() / temperature  # (C, V)
-            target = rows.gather(1, y[start : start + chunk, None]).squeeze(1)
-            parts.append(-torch.expm1(target - torch.logsumexp(rows, -1)))
+            log_p = log_probs(teacher_rows[start : start + chunk], temperature, "teacher")  # (C, V)
+            parts.append(-torch.expm1(log_p.gather(1, y[start : start + chunk, None]).squeeze(1)))
     return torch.cat(parts)
 
 
@@ -141,27 +173,36 @@ class Objective:
     self_normalised: bool = False  # token losses already carry 1/group-size weights
 
 
-_UNIT = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
-_OPEN_UNIT = (lambda v: 0 < v < 1, "a number in (0, 1)")
-_POSITIVE = (lambda v: v > 0, "a number > 0")
-_NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
+def _number(predicate: Callable[[float], bool], allowed: str) -> tuple[Callable[[object], bool], str]:
+    """A parameter check: a real number (not a string or bool) for which `predicate` holds."""
+    def check(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and predicate(value)
+    return check, allowed
+
+
+_UNIT = _number(lambda v: 0 <= v <= 1, "a number in [0, 1]")
+_OPEN_UNIT = _number(lambda v: 0 < v < 1, "a number in (0, 1)")
+_TEMPERATURE = _number(lambda v: MIN_TEMPERATURE <= v <= MAX_TEMPERATURE,
+                    f"a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
+_NON_NEGATIVE = _number(lambda v: v >= 0, "a number >= 0")
 
 OBJECTIVES: dict[str, Objective] = {
-    "fkl": Objective(fkl, {"temperature": 1.0}, "forward KL(p || q)", {"temperature": _POSITIVE}),
-    "rkl": Objective(rkl, {"temperature": 1.0}, "reverse KL(q || p) (MiniLLM)", {"temperature": _POSITIVE}),
+    "fkl": Objective(fkl, {"temperature": 1.0}, "forward KL(p || q)", {"temperature": _TEMPERATURE}),
+    "rkl": Objective(rkl, {"temperature": 1.0}, "reverse KL(q || p) (MiniLLM)", {"temperature": _TEMPERATURE}),
     "jsd": Objective(jsd, {"beta": 0.5, "temperature": 1.0}, "generalized JSD (GKD; beta 0 = fkl, 1 = rkl)",
-                     {"beta": _UNIT, "temperature": _POSITIVE}),
-    "tvd": Objective(tvd, {"temperature": 1.0}, "total variation distance", {"temperature": _POSITIVE}),
+                     {"beta": _UNIT, "temperature": _TEMPERATURE}),
+    "tvd": Objective(tvd, {"temperature": 1.0}, "total variation distance", {"temperature": _TEMPERATURE}),
     "skl": Objective(skl, {"alpha": 0.1, "temperature": 1.0}, "skew forward KL (DistiLLM)",
-                     {"alpha": _OPEN_UNIT, "temperature": _POSITIVE}),
+                     {"alpha": _OPEN_UNIT, "temperature": _TEMPERATURE}),
     "srkl": Objective(srkl, {"alpha": 0.1, "temperature": 1.0}, "skew reverse KL (DistiLLM)",
-                      {"alpha": _OPEN_UNIT, "temperature": _POSITIVE}),
+                      {"alpha": _OPEN_UNIT, "temperature": _TEMPERATURE}),
     "dkd": Objective(dkd, {"alpha": 1.0, "beta": 8.0, "temperature": 1.0}, "decoupled KD (alpha*TKD + beta*DKD)",
-                     {"alpha": _NON_NEGATIVE, "beta": _NON_NEGATIVE, "temperature": _POSITIVE}),
+                     {"alpha": _NON_NEGATIVE, "beta": _NON_NEGATIVE, "temperature": _TEMPERATURE}),
     "atkd": Objective(atkd, {"lam": 0.2, "k": 0.5, "base": "fkl", "temperature": 1.0},
                       "ATKD: lam*mean_easy(DKD) + (1-lam)*mean_hard(TKD+DKD)",
-                      {"lam": _UNIT, "k": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
-                       "base": (lambda v: v in ("fkl", "rkl"), "'fkl' or 'rkl'"), "temperature": _POSITIVE},
+                      {"lam": _UNIT, "k": _number(lambda v: 0 < v <= 1, "a number in (0, 1]"),
+                       "base": (lambda v: v in ("fkl", "rkl"), "'fkl' or 'rkl'"), "temperature": _TEMPERATURE},
                       self_normalised=True),
 }
 REDUCTIONS = ("mean", "sum", "none")
@@ -169,8 +210,7 @@ REDUCTIONS = ("mean", "sum", "none")
 
 def _chunk_token_loss(objective: Objective, params: dict, s_rows: Tensor, t_rows: Tensor, y: Tensor, rows) -> Tensor:
     tau = params["temperature"]
-    log_q = torch.log_softmax(s_rows.float() / tau, -1)
-    log_p = torch.log_softmax(t_rows.float() / tau, -1)
+    log_q, log_p = log_probs(s_rows, tau, "student"), log_probs(t_rows, tau, "teacher")
     return objective.token_loss(log_q, log_p, y, rows, params)
 
 
@@ -432,8 +472,14 @@ def get_loss(name: str, *, reduction: str = "mean", fused: bool = True, ignore_i
         raise ValueError(f"Loss {name!r} has no parameter(s) {unknown}; it takes {objective.defaults}.")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if chunk_rows is not None:
+        check_count(chunk_rows, "chunk_rows", minimum=1)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}.")
     merged = {**objective.defaults, **params}
     for key, (ok, allowed) in objective.checks.items():
         if not ok(merged[key]):
-            raise ValueError(f"Loss {name!r}: {key}={merged[key]!r} is not allowed; use {allowed}.")
+            value = merged[key]
+            raise ValueError(f"Loss {name!r}: {key}={value!r} is not allowed; use {allowed} "
+                             f"(got a {type(value).__name__}).")
     return KDLoss(name, merged, reduction=reduction, fused=fused, ignore_index=ignore_index, chunk_rows=chunk_rows)

@@ -238,13 +238,16 @@ class DistillTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"][:, 1:]
-        if self.use_linear:
-            parts, extra = self._linear_parts(model, ids, mask, labels)
-        else:  # the models' own logits (soft-capped or scaled heads)
-            with torch.no_grad():
-                t_logits = model_logits(self.teacher, ids, mask)[:, :-1, : self.vocab_size]
-            s_logits = model_logits(model, ids, mask)[:, :-1, : self.vocab_size]  # position t predicts label t + 1
-            parts, extra = self.kd.parts(s_logits, t_logits, labels, ce_weight=self.args.ce_weight), 0.0
+        try:
+            if self.use_linear:
+                parts, extra = self._linear_parts(model, ids, mask, labels)
+            else:  # the models' own logits (soft-capped or scaled heads)
+                with torch.no_grad():
+                    t_logits = model_logits(self.teacher, ids, mask)[:, :-1, : self.vocab_size]
+                s_logits = model_logits(model, ids, mask)[:, :-1, : self.vocab_size]  # position t predicts t + 1
+                parts, extra = self.kd.parts(s_logits, t_logits, labels, ce_weight=self.args.ce_weight), 0.0
+        except ValueError as err:
+            raise ValueError(f"Step {self.state.global_step}: {err}") from err
         if not torch.isfinite(parts.kd) or not torch.isfinite(parts.ce):
             raise ValueError(
                 f"Step {self.state.global_step}: the loss is not finite (kd={float(parts.kd)}, ce={float(parts.ce)}). "

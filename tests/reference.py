@@ -1,5 +1,7 @@
 """Plain float64 reference formulas, written straight from the definitions (no chunking)."""
 
+import math
+
 import torch
 
 
@@ -36,32 +38,35 @@ def reference_stats(teacher_logits, student_logits, labels, temperature=1.0):
     }
 
 
-def _probs(student_logits, teacher_logits, temperature):
-    return torch.softmax(teacher_logits.double() / temperature, -1), torch.softmax(student_logits.double() / temperature, -1)
+def _kl(log_a, log_b):
+    return (log_a.exp() * (log_a - log_b)).sum(-1)
 
 
-def _kl_probs(a, b):
-    return (a * (a.log() - b.log())).sum(-1)
+def _mix(log_a, log_b, weight_a):
+    """log(weight_a * a + (1 - weight_a) * b)."""
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log(1 - weight_a))
 
 
 def reference_token_loss(name, student_logits, teacher_logits, labels, params):
-    """Per-token loss [N] over valid tokens, written from probabilities in float64."""
+    """Per-token loss [N] over valid tokens, from float64 log-probabilities, straight from the definitions."""
     valid = labels != -100
-    p, q = _probs(student_logits[valid], teacher_logits[valid], params.get("temperature", 1.0))
+    temperature = params.get("temperature", 1.0)
+    log_p = torch.log_softmax(teacher_logits[valid].double() / temperature, -1)
+    log_q = torch.log_softmax(student_logits[valid].double() / temperature, -1)
     if name == "fkl":
-        return _kl_probs(p, q)
+        return _kl(log_p, log_q)
     if name == "rkl":
-        return _kl_probs(q, p)
+        return _kl(log_q, log_p)
     if name == "jsd":
         beta = params["beta"]
-        m = beta * p + (1 - beta) * q
-        return beta * _kl_probs(p, m) + (1 - beta) * _kl_probs(q, m)
+        log_m = _mix(log_p, log_q, beta)
+        return beta * _kl(log_p, log_m) + (1 - beta) * _kl(log_q, log_m)
     if name == "tvd":
-        return 0.5 * (p - q).abs().sum(-1)
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
     if name == "skl":
-        return _kl_probs(p, params["alpha"] * p + (1 - params["alpha"]) * q)
+        return _kl(log_p, _mix(log_p, log_q, params["alpha"]))
     if name == "srkl":
-        return _kl_probs(q, params["alpha"] * q + (1 - params["alpha"]) * p)
+        return _kl(log_q, _mix(log_q, log_p, params["alpha"]))
     if name == "dkd":
         stats = reference_stats(teacher_logits, student_logits, labels, params["temperature"])
         return (params["alpha"] * stats["tkd"] + params["beta"] * stats["dkd"])[valid] * params["temperature"] ** 2

@@ -104,10 +104,10 @@ def test_empty_response_is_an_error(tmp_path, tokenizer):
 
 def test_too_long_record_is_an_error_unless_truncated(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "short", "response": "the teacher " * 50}])
-    with pytest.raises(ValueError, match=r"long.jsonl:1: prompt \+ response is \d+ tokens.*context of 32"):
-        load_data(path, tokenizer, max_length=32)
-    data = load_data(path, tokenizer, max_length=32, truncate=True)
-    assert len(data[0].input_ids) == 32
+    with pytest.raises(ValueError, match=r"long.jsonl:1: prompt \+ response is \d+ tokens.*context of 64"):
+        load_data(path, tokenizer, max_length=64)
+    data = load_data(path, tokenizer, max_length=64, truncate=True)
+    assert len(data[0].input_ids) == 64
 
 
 def test_missing_file_and_unknown_type(tmp_path, tokenizer):

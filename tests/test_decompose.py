@@ -147,10 +147,16 @@ def test_identical_models_give_zero_divergences():
         (lambda t, s, y: (t[..., :-1], s, y), "same shape"),
         (lambda t, s, y: (t, s, y[:, :-1]), "shift before calling"),
         (lambda t, s, y: (t, s, y.masked_fill(y == y[0, 1], 999)), "outside the vocabulary"),
-        (lambda t, s, y: (t.index_fill(1, torch.tensor([2]), float("nan")), s, y), "teacher logits are not finite"),
-        (lambda t, s, y: (t, s.index_fill(1, torch.tensor([3]), float("nan")), y), "student logits are not finite"),
+        (lambda t, s, y: (t.index_fill(1, torch.tensor([2]), float("nan")), s, y), "teacher logits contain NaN or"),
+        (lambda t, s, y: (t, s.index_fill(1, torch.tensor([3]), float("nan")), y), "student logits contain NaN or"),
+        (lambda t, s, y: (t.index_put((torch.tensor([1]), torch.tensor([2]), torch.tensor([4])),
+                                      torch.tensor(float("inf"))), s, y), "teacher logits contain NaN or \\+inf"),
+        (lambda t, s, y: (t, s.index_put((torch.tensor([0]), torch.tensor([1]), torch.tensor([0])),
+                                         torch.tensor(float("nan"))), y), "student logits contain NaN"),
+        (lambda t, s, y: (t.index_fill(1, torch.tensor([2]), float("-inf")), s, y), "-inf for every token"),
     ],
-    ids=["vocab-mismatch", "label-shape", "label-range", "teacher-nan", "student-nan"],
+    ids=["vocab-mismatch", "label-shape", "label-range", "teacher-nan", "student-nan", "teacher-one-inf",
+         "student-one-nan", "teacher-all-masked"],
 )
 def test_bad_input_gets_clear_error(change, message):
     teacher, student, labels = make_logits(2, 5, 20, seed=9)
@@ -160,7 +166,7 @@ def test_bad_input_gets_clear_error(change, message):
 
 def test_bad_options_get_clear_errors():
     teacher, student, labels = make_logits(1, 3, 10)
-    with pytest.raises(ValueError, match="temperature must be > 0"):
+    with pytest.raises(ValueError, match="temperature must be a number in"):
         decompose(teacher, student, labels, temperature=0)
     with pytest.raises(ValueError, match="top_k=11 exceeds"):
         decompose(teacher, student, labels, top_k=11)
@@ -170,3 +176,65 @@ def test_all_positions_ignored_gives_empty_valid():
     teacher, student, labels = make_logits(1, 3, 10)
     stats = decompose(teacher, student, torch.full_like(labels, -100))
     assert not stats.valid.any() and stats.kl.abs().sum() == 0
+
+
+def reference_with_masks(teacher, student, labels):
+    """KL, DKD, reverse KL and teacher entropy in float64, 0 * log 0 = 0 (p = 0 where a logit is -inf)."""
+    z, s = teacher.double(), student.double()
+    log_p, log_q = torch.log_softmax(z, -1), torch.log_softmax(s, -1)
+    p, q = log_p.exp(), log_q.exp()
+    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+    rkl = torch.where(q > 0, q * (log_q - log_p), 0.0).sum(-1)
+    entropy = -torch.where(p > 0, p * log_p, 0.0).sum(-1)
+    target = torch.nn.functional.one_hot(labels, z.shape[-1]).bool()
+    p_rest = torch.where(target, 0.0, p) / (1 - p.gather(-1, labels[..., None]))
+    q_rest = torch.where(target, 0.0, q) / (1 - q.gather(-1, labels[..., None]))
+    dkd = torch.where(p_rest > 0, p_rest * (p_rest.log() - q_rest.log()), 0.0).sum(-1)
+    return {"kl": kl, "rkl": rkl, "t_entropy": entropy, "dkd": dkd, "unc": 1 - p.gather(-1, labels[..., None])[..., 0]}
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 1, 3])
+def test_negative_infinite_logits_are_entries_of_probability_zero(chunk_rows):
+    teacher, student, _ = make_logits(3, 6, 40, scale=3.0, seed=4)
+    labels = torch.randint(20, 40, (3, 6), generator=torch.Generator().manual_seed(4))  # masks sit below 20
+    neg = float("-inf")
+    teacher[0, 0, 5] = student[0, 0, 5] = neg  # one entry masked in both (a shared vocabulary mask)
+    teacher[0, 1, :20] = student[0, 1, :20] = neg  # half the vocabulary masked
+    teacher[1, 2, 7] = neg  # masked in the teacher only: KL finite, reverse KL infinite
+    student[2, 3, 11] = neg  # masked in the student only (where p = 0): KL finite
+    teacher[2, 3, 11] = neg
+    stats = decompose(teacher, student, labels, chunk_rows=chunk_rows)
+    expected = reference_with_masks(teacher, student, labels)
+    for name in ("kl", "dkd", "t_entropy", "unc"):
+        got = getattr(stats, name).double()
+        assert torch.isfinite(got).all(), name
+        assert torch.allclose(got, expected[name], rtol=1e-4, atol=1e-4), name
+    assert torch.isinf(stats.rkl[1, 2]) and torch.isinf(expected["rkl"][1, 2])
+    finite = torch.isfinite(expected["rkl"])
+    assert torch.allclose(stats.rkl.double()[finite], expected["rkl"][finite], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(stats.kl, stats.tkd + stats.unc * stats.dkd, rtol=1e-4, atol=1e-5)
+
+
+def test_every_non_target_masked_means_the_teacher_is_certain():
+    teacher, student, labels = make_logits(1, 2, 10, seed=5)
+    labels[0, 0] = 3
+    teacher[0, 0] = float("-inf")
+    teacher[0, 0, labels[0, 0]] = 1.0
+    stats = decompose(teacher, student, labels)
+    log_q = torch.log_softmax(student[0, 0].double(), -1)[labels[0, 0]]
+    assert stats.unc[0, 0] == 0 and stats.dkd[0, 0] == 0
+    assert float(stats.kl[0, 0]) == pytest.approx(float(-log_q), rel=1e-5)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"top_k": -1}, "top_k must be an integer >= 0, got -1"),
+    ({"chunk_rows": 0}, "chunk_rows must be an integer >= 1"),
+    ({"chunk_rows": -1}, "chunk_rows must be an integer >= 1"),
+    ({"temperature": 1e-39}, r"temperature must be a number in \[0.001, 1000\], got 1e-39"),
+    ({"temperature": float("nan")}, "temperature must be a number"),
+    ({"temperature": "2"}, "temperature must be a number"),
+])
+def test_bad_options_are_refused(options, message):
+    teacher, student, labels = make_logits(1, 3, 10, seed=6)
+    with pytest.raises(ValueError, match=message):
+        decompose(teacher, student, labels, **options)

@@ -220,3 +220,108 @@ def test_fused_loss_refuses_a_second_backward_instead_of_a_wrong_gradient():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagated once"):
         loss.backward()
+
+
+MASKED = -1e4  # in float64 exp(-1e4) is exactly 0: the plain reference sees the same zero-probability entries
+
+
+def with_masks(student, teacher, labels, *, teacher_only=True):
+    """-inf logits: a few entries masked in both models (a vocabulary mask) and some in the teacher only."""
+    student, teacher = student.detach().clone(), teacher.clone()
+    off_target = [(b, t, (int(labels[b, t].clamp(min=0)) + d) % student.shape[-1])
+                  for b in range(student.shape[0]) for t in range(student.shape[1]) for d in (1, 2, 5)]
+    for i, (b, t, v) in enumerate(off_target):
+        teacher[b, t, v] = float("-inf")
+        if i % 3 or not teacher_only:
+            student[b, t, v] = float("-inf")
+    return student.requires_grad_(True), teacher, labels
+
+
+@pytest.mark.parametrize("name", [*PARAMS, "atkd", "atkd-rkl"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_negative_infinite_logits_are_exact_in_every_loss(name, fused):
+    reverse = name.endswith("rkl") and name != "srkl"  # p = 0 where q > 0 makes KL(q || p) infinite, rightly
+    student, teacher, labels = with_masks(*make_batch(seed=11), teacher_only=not reverse)
+    if reverse:
+        rkl_inf = get_loss("rkl", fused=fused)(*with_masks(*make_batch(seed=11)))
+        assert rkl_inf == float("inf")
+    if name.startswith("atkd"):
+        base = "rkl" if name.endswith("rkl") else "fkl"
+        ours = get_loss("atkd", base=base, fused=fused, chunk_rows=4)
+
+        def reference(s, t, y):
+            return official_style_atkd(s, t, y, base=base)
+    else:
+        ours = get_loss(name, fused=fused, chunk_rows=4, **PARAMS[name])
+
+        def reference(s, t, y):
+            return reference_token_loss(name, s, t, y, PARAMS[name]).mean()
+    value, grad = grad_of(ours, student, teacher, labels)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    finite_s = student.detach().double().nan_to_num(neginf=MASKED)
+    ref_value, ref_grad = grad_of(reference, finite_s, teacher.double().nan_to_num(neginf=MASKED), labels)
+    torch.testing.assert_close(value.double(), ref_value, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-3, atol=1e-6)
+    assert (grad[torch.isinf(student)] == 0).all()  # a token the student cannot produce gets no gradient
+
+
+@pytest.mark.parametrize("name", ["fkl", "jsd", "atkd"])
+def test_negative_infinite_bias_in_the_linear_path(name):
+    torch.manual_seed(0)
+    s_hidden, t_hidden = torch.randn(2, 5, 6, requires_grad=True), torch.randn(2, 5, 7)
+    s_head, t_head = torch.randn(19, 6, requires_grad=True), torch.randn(19, 7)
+    s_bias, t_bias = torch.zeros(19, requires_grad=True), torch.zeros(19)
+    labels = torch.randint(3, 19, (2, 5))
+    masked_bias = torch.zeros(19).index_fill(0, torch.tensor([0, 1]), float("-inf"))  # tokens 0 and 1 are masked
+    loss_fn = get_loss(name, chunk_rows=3)
+    parts = loss_fn.linear(s_hidden, s_head, t_hidden, t_head, labels, student_bias=s_bias + masked_bias,
+                           teacher_bias=t_bias + masked_bias)
+    parts.loss.backward()
+    grads = [t.grad.clone() for t in (s_hidden, s_head, s_bias)]
+    logits = (s_hidden @ s_head.T + s_bias + masked_bias, t_hidden @ t_head.T + masked_bias)
+    for t in (s_hidden, s_head, s_bias):
+        t.grad = None
+    plain = get_loss(name, fused=False)(logits[0], logits[1], labels)
+    plain.backward()
+    torch.testing.assert_close(parts.loss, plain, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(grads, (s_hidden.grad, s_head.grad, s_bias.grad)):
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    assert (grads[1][:2] == 0).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "plus-inf"])
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("path", ["plain", "fused", "linear"])
+@pytest.mark.parametrize("name", ["fkl", "atkd", "jsd"])
+def test_nan_or_plus_inf_logits_are_refused(bad, side, path, name):
+    student, teacher, labels = make_batch(seed=12)
+    loss_fn = get_loss(name, fused=path == "fused", chunk_rows=4)
+    if path == "linear":
+        hidden, head = torch.randn(3, 6, 4), torch.randn(37, 4, requires_grad=True)
+        bias = torch.zeros(37).index_fill(0, torch.tensor([3]), bad)
+        student_bias, teacher_bias = (bias, None) if side == "student" else (None, bias)
+        call = lambda: loss_fn.linear(hidden, head, hidden, head.detach(), labels, student_bias=student_bias,  # noqa: E731
+                                      teacher_bias=teacher_bias)
+    else:
+        target = student if side == "student" else teacher
+        with torch.no_grad():
+            target[1, 2, 3] = bad
+        call = lambda: loss_fn(student, teacher, labels)  # noqa: E731
+    with pytest.raises(ValueError, match=f"{side} logits contain NaN or \\+inf"):
+        call()
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"name": "atkd", "lam": "0.2"}, r"lam='0.2' is not allowed; use a number in \[0, 1\] \(got a str\)"),
+    ({"name": "atkd", "k": True}, "k=True is not allowed"),
+    ({"name": "fkl", "chunk_rows": -1}, "chunk_rows must be an integer >= 1, got -1"),
+    ({"name": "fkl", "chunk_rows": 0}, "chunk_rows must be an integer >= 1"),
+    ({"name": "fkl", "temperature": 1e-39}, r"temperature=1e-39 is not allowed"),
+    ({"name": "dkd", "beta": float("nan")}, "beta=nan is not allowed"),
+    ({"name": "fkl", "ignore_index": "x"}, "ignore_index must be an integer"),
+])
+def test_loss_parameters_are_type_and_range_checked(options, message):
+    options = dict(options)
+    with pytest.raises(ValueError, match=message):
+        get_loss(options.pop("name"), **options)

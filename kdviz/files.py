@@ -1,0 +1,123 @@
+"""Files kdviz writes: every one goes to a temporary name in its folder and is renamed into place.
+
+A reader (another process, or the next run after a crash, Ctrl-C or a full disk) sees the old
+file or the new one, never half of one. Output paths are checked before any work starts.
+
+>>> import tempfile, pathlib
+>>> folder = pathlib.Path(tempfile.mkdtemp())
+>>> _ = write_text(folder / "a.txt", "new")
+>>> (folder / "a.txt").read_text(), sorted(p.name for p in folder.iterdir())
+('new', ['a.txt'])
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+TEMP_MARK = ".kdviz-tmp-"  # temporary files carry this in their name (never a final name)
+
+
+class KdvizWarning(UserWarning):
+    """Something went wrong that does not change any result (e.g. the cache could not be written)."""
+
+
+def warn(message: str) -> None:
+    warnings.warn(message, KdvizWarning, stacklevel=3)
+
+
+def expand(path: str | os.PathLike) -> Path:
+    """`path` with ``~`` expanded (what a shell would have done)."""
+    return Path(os.path.expanduser(os.fspath(path)))
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, *, what: str = "file") -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it onto `path`, else remove it.
+
+    OSError (full disk, permissions) becomes a ValueError that names `path` and says that a
+    file already there is untouched.
+    """
+    path = expand(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f"{path.name}{TEMP_MARK}{uuid.uuid4().hex[:8]}")
+    try:
+        yield temp
+        os.replace(temp, path)
+    except OSError as err:
+        raise ValueError(
+            f"Could not write the {what} {path}: {err.strerror or err}. "
+            f"{'The file already there is unchanged. ' if path.exists() else ''}"
+            "Free some space or choose another path."
+        ) from err
+    finally:
+        if temp.exists():
+            temp.unlink()
+
+
+def write_with(path: str | os.PathLike, writer: Callable[[Path], object], *, what: str = "file") -> Path:
+    """Call `writer(temporary_path)`, then rename the result onto `path` (see `atomic_path`)."""
+    with atomic_path(path, what=what) as temp:
+        writer(temp)
+    return expand(path)
+
+
+def write_text(path: str | os.PathLike, text: str, *, what: str = "file") -> Path:
+    return write_with(path, lambda temp: temp.write_text(text, encoding="utf-8"), what=what)
+
+
+def check_writable(path: str | os.PathLike, *, what: str, folder: bool = False) -> Path:
+    """ValueError unless `path` (a file, or a folder with folder=True) can be written; nothing is left behind.
+
+    Creates missing parent folders (as the write would). Probes with a real file, so it is
+    right for root, read-only mounts and full disks alike.
+    """
+    path = expand(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"The {what} {path} is a file, not a folder; give a folder path.")
+    if not folder and path.is_dir():
+        raise ValueError(f"The {what} {path} is a folder; give a file path (e.g. {path / 'out'}).")
+    target = path if folder else path.parent
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=TEMP_MARK):
+            pass
+    except OSError as err:
+        raise ValueError(f"Cannot write the {what} {path}: {err.strerror or err} ({target}). "
+                         "Choose a folder you can write to.") from err
+    return path
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file (existing or not, through links and ``~``)."""
+    a, b = expand(a), expand(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def check_distinct(paths: dict[str, str | os.PathLike | None]) -> None:
+    """ValueError when two of the named paths (e.g. data, --out, --report) are the same file."""
+    named = [(name, p) for name, p in paths.items() if p is not None]
+    for i, (name_a, a) in enumerate(named):
+        for name_b, b in named[i + 1:]:
+            if same_file(a, b):
+                raise ValueError(f"{name_a} and {name_b} are the same file ({expand(a)}); writing one would destroy "
+                                 f"the other. Give {name_b} another path.")
+
+
+def move_aside(path: Path, reason: str) -> Path | None:
+    """Rename an unreadable file to ``<name>.corrupt-<id>`` (kept for inspection) and warn; None if that fails."""
+    aside = path.with_name(f"{path.name}.corrupt-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(path, aside)
+    except OSError:
+        warn(f"Could not read {path} ({reason}) nor move it aside; it is ignored.")
+        return None
+    warn(f"Could not read {path} ({reason}); moved it to {aside.name} and computing it again.")
+    return aside
