@@ -1,5 +1,13 @@
 """Forward passes over a dataset -> one row per token (polars), with a hard/easy split.
 
+Built to scale: examples are batched by length to a token budget (results in data order),
+logits are made chunk by chunk from the final hidden states where the heads are plain linear
+layers (no [B, T, V] tensor), and each part of the data (a contiguous range of examples,
+about `part_tokens` tokens) is written to disk as a parquet file as soon as it is done, so
+memory stays O(part) and an interrupted run continues from its finished parts. Under
+`torchrun` / `accelerate launch` each rank analyses its share of the parts and rank 0
+merges them and computes the hard/easy thresholds over all of them (a polars lazy scan).
+
 >>> import kdviz
 >>> pair = kdviz.load_pair("zoo:teacher-l", "zoo:student", device="cpu")
 >>> table = kdviz.analyze(pair, "zoo:docstrings", limit=8, progress=False)
@@ -12,20 +20,29 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from kdviz.data import IGNORE_INDEX, TokenDataset, collate, load_data, pad_id
-from kdviz.decompose import SCALAR_FIELDS, decompose
-from kdviz.models import ModelPair
+from kdviz import distributed
+from kdviz.data import IGNORE_INDEX, TokenDataset, check_template, collate, load_data, pad_id
+from kdviz.decompose import SCALAR_FIELDS, check_count, check_temperature, decompose, decompose_hidden
+from kdviz.files import check_writable, expand, move_aside, warn, write_with
+from kdviz.models import ModelPair, output_head
 
 SPLITS = ("sequence", "batch", "dataset")
 VISIBLE_WHITESPACE = str.maketrans({" ": "·", "\n": "↵", "\t": "→", "\r": "␍"})
 DEFAULT_MAX_LENGTH = 1024  # when neither model's config states a context length
+DEFAULT_BATCH_TOKENS = 16384  # padded tokens per forward pass
+DEFAULT_PART_TOKENS = 1 << 18  # tokens of data per part file (the unit of streaming and resuming)
+TABLE_FORMAT = 2  # bump when the columns change (part of the cache key)
+META_KEY = "kdviz"
 
 
 def visible(text: str) -> str:
@@ -35,7 +52,7 @@ def visible(text: str) -> str:
 
 def cache_root() -> Path:
     """``$KDVIZ_CACHE_DIR`` or ``~/.cache/kdviz``."""
-    return Path(os.environ.get("KDVIZ_CACHE_DIR") or Path.home() / ".cache" / "kdviz")
+    return expand(os.environ.get("KDVIZ_CACHE_DIR") or Path.home() / ".cache" / "kdviz")
 
 
 @dataclass
@@ -74,35 +91,62 @@ class Summary:
         return "\n".join(lines)
 
 
-def _group_stats(df: pl.DataFrame, group: str) -> dict:
-    total_kl = df["kl"].sum()
-    weighted = df["unc"] * df["dkd"]
+_GROUP_AGGREGATES = [
+    pl.len().alias("tokens"),
+    pl.col("unc").mean().alias("mean_unc"),
+    pl.col("tkd").mean().alias("mean_tkd"),
+    pl.col("dkd").mean().alias("mean_dkd"),
+    (pl.col("unc") * pl.col("dkd")).mean().alias("mean_weighted_dkd"),
+    pl.col("kl").mean().alias("mean_kl"),
+    pl.col("kl").sum().alias("kl_sum"),
+    (pl.col("unc") * pl.col("dkd")).sum().alias("weighted_dkd_sum"),
+    pl.col("dkd").sum().alias("dkd_sum"),
+    pl.col("tkd").sum().alias("tkd_sum"),
+]
+
+
+def _group_row(group: str, values: dict | None) -> dict:
+    values = values or {"tokens": 0}
+    get = lambda key: values.get(key) or 0.0  # noqa: E731  (means of an empty group are null)
     return {
         "group": group,
-        "tokens": df.height,
-        "mean_unc": df["unc"].mean() or 0.0,
-        "mean_tkd": df["tkd"].mean() or 0.0,
-        "mean_dkd": df["dkd"].mean() or 0.0,
-        "mean_weighted_dkd": weighted.mean() or 0.0,
-        "mean_kl": df["kl"].mean() or 0.0,
-        "kl_sum": total_kl,
-        "dkd_weight": weighted.sum() / df["dkd"].sum() if df["dkd"].sum() > 0 else 0.0,
-        "tkd_share": df["tkd"].sum() / total_kl if total_kl > 0 else 0.0,
+        "tokens": int(values["tokens"]),
+        **{key: get(key) for key in ("mean_unc", "mean_tkd", "mean_dkd", "mean_weighted_dkd", "mean_kl", "kl_sum")},
+        "dkd_weight": get("weighted_dkd_sum") / get("dkd_sum") if get("dkd_sum") > 0 else 0.0,
+        "tkd_share": get("tkd_sum") / get("kl_sum") if get("kl_sum") > 0 else 0.0,
     }
 
 
-@dataclass
 class TokenTable:
-    """One row per predicted token; `df` is the polars table, `meta` says how it was made."""
+    """One row per predicted token; `df` is the polars table, `meta` says how it was made.
 
-    df: pl.DataFrame
-    meta: dict = field(default_factory=dict)
+    A table opened with ``TokenTable.load(path, lazy=True)`` holds a polars LazyFrame
+    (`lazy`); `summary()` then aggregates without loading the rows, and `df` loads them.
+    """
+
+    def __init__(self, df: pl.DataFrame | pl.LazyFrame, meta: dict | None = None):
+        self._df = df if isinstance(df, pl.DataFrame) else None
+        self._lazy = df if isinstance(df, pl.LazyFrame) else None
+        self.meta = dict(meta or {})
+
+    @property
+    def df(self) -> pl.DataFrame:
+        if self._df is None:
+            self._df = self._lazy.collect()
+        return self._df
+
+    @property
+    def lazy(self) -> pl.LazyFrame:
+        return self._df.lazy() if self._df is not None else self._lazy
 
     def __len__(self) -> int:
-        return self.df.height
+        if self._df is not None:
+            return self._df.height
+        return int(self._lazy.select(pl.len()).collect().item())
 
     def __repr__(self) -> str:
-        return f"TokenTable({self.df.height} tokens, {self.meta.get('data', '?')})\n{self.df}"
+        body = self._df if self._df is not None else "(lazy: rows not loaded)"
+        return f"TokenTable({len(self)} tokens, {self.meta.get('data', '?')})\n{body}"
 
     @property
     def targets(self) -> pl.DataFrame:
@@ -110,76 +154,228 @@ class TokenTable:
         return self.df.filter(pl.col("is_response"))
 
     def summary(self) -> Summary:
-        targets = self.targets
-        rows = [
-            _group_stats(targets.filter(pl.col("hard")), "hard"),
-            _group_stats(targets.filter(~pl.col("hard")), "easy"),
-            _group_stats(targets, "all"),
-        ]
+        targets = self.lazy.filter(pl.col("is_response")).with_columns(pl.col("unc", "tkd", "dkd", "kl")
+                                                                        .cast(pl.Float64))
+        groups = {row["hard"]: row for row in targets.group_by("hard").agg(_GROUP_AGGREGATES).collect()
+                  .iter_rows(named=True)}
+        rows = [_group_row("hard", groups.get(True)), _group_row("easy", groups.get(False)),
+                _group_row("all", targets.select(_GROUP_AGGREGATES).collect().row(0, named=True))]
         total = rows[2]["kl_sum"]
         for row in rows:
             row["kl_share"] = row["kl_sum"] / total if total > 0 else 0.0
         return Summary(pl.DataFrame(rows), split=self.meta.get("split", "?"), k=self.meta.get("k", float("nan")))
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.df.write_parquet(path, metadata={"kdviz": json.dumps(self.meta)})
-        return path
+        """Write the table (with `meta`) as parquet, to a temporary file renamed into place."""
+        meta = {**self.meta, "rows": len(self)}
+        if self._df is not None:
+            return write_with(path, lambda temp: self._df.write_parquet(temp, metadata={META_KEY: json.dumps(meta)}),
+                              what="token table")
+        return write_with(path, lambda temp: self._lazy.sink_parquet(temp, metadata={META_KEY: json.dumps(meta)}),
+                          what="token table")
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "TokenTable":
-        path = Path(path)
+    def load(cls, path: str | os.PathLike, *, lazy: bool = False) -> "TokenTable":
+        """Read a table written by `save` or `analyze`; ValueError naming the file if it is broken or incomplete."""
+        path = expand(path)
         if not path.is_file():
             raise ValueError(f"No token table at {path}; create one with kdviz.analyze(...).save(path).")
-        meta = json.loads(pl.read_parquet_metadata(path).get("kdviz", "{}"))
-        return cls(pl.read_parquet(path), meta)
+        try:
+            meta = json.loads(pl.read_parquet_metadata(path).get(META_KEY, "{}"))
+            frame = pl.scan_parquet(path)
+            rows = int(frame.select(pl.len()).collect().item())
+        except Exception as err:  # polars raises several error types for a damaged file
+            raise ValueError(f"{path} is not a readable token table ({type(err).__name__}: {err}).") from None
+        if "rows" in meta and meta["rows"] != rows:
+            raise ValueError(f"{path} is incomplete: it holds {rows} rows of the {meta['rows']} it was written with.")
+        table = cls(frame, meta)
+        if not lazy:
+            try:
+                table.df
+            except Exception as err:
+                raise ValueError(f"{path} is not a readable token table ({type(err).__name__}: {err}).") from None
+        return table
 
 
-def _batch_rows(pair: ModelPair, examples, first_doc: int, *, padding_side: str, top_k: int, temperature: float) -> dict:
-    """Per-token columns (as lists / tensors) for one batch of examples."""
-    batch = collate(examples, pad_id=pad_id(pair.tokenizer), padding_side=padding_side)
+@dataclass(frozen=True)
+class Part:
+    """A contiguous range [start, end) of examples: computed, written and resumed as one file."""
+
+    start: int
+    end: int
+    rows: int  # predicted tokens: one per position after the first of each example
+
+    @property
+    def name(self) -> str:
+        return f"part-{self.start:010d}-{self.end:010d}.parquet"
+
+
+def plan_parts(lengths: list[int], part_tokens: int) -> list[Part]:
+    """Cut the examples (in data order) into parts of about `part_tokens` tokens (at least one example each)."""
+    parts, start, tokens, rows = [], 0, 0, 0
+    for i, length in enumerate(lengths):
+        tokens, rows = tokens + length, rows + length - 1
+        if tokens >= part_tokens or i == len(lengths) - 1:
+            parts.append(Part(start, i + 1, rows))
+            start, tokens, rows = i + 1, 0, 0
+    return parts
+
+
+def length_batches(lengths: list[int], *, batch_size: int, batch_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length: at most `batch_size` sequences and `batch_tokens`
+    padded tokens each (a longer sequence goes alone). Longest first, ties in data order."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < batch_size and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= batch_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+@dataclass(frozen=True)
+class _Settings:
+    top_k: int
+    temperature: float
+    padding_side: str
+    batch_size: int
+    batch_tokens: int
+
+
+def _batch_frame(pair: ModelPair, examples, doc_ids: list[int], s: _Settings) -> pl.DataFrame:
+    """Per-token columns for one padded batch (row order: batch row, then position)."""
+    batch = collate(examples, pad_id=pad_id(pair.tokenizer), padding_side=s.padding_side)
     device = pair.device
-    teacher, student = pair.logits(batch.input_ids.to(device), batch.attention_mask.to(device))
+    ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     real = (batch.attention_mask[:, :-1] * batch.attention_mask[:, 1:]).bool()  # (B, L-1)
     targets = torch.where(real, batch.input_ids[:, 1:], IGNORE_INDEX)
-    stats = decompose(teacher[:, :-1], student[:, :-1], targets.to(device), temperature=temperature, top_k=top_k)
+    options = dict(temperature=s.temperature, top_k=s.top_k)
+    if pair.linear_heads:  # logits are made chunk by chunk inside decompose: no [B, L, V] tensor
+        t_hidden, s_hidden = pair.hidden(ids, mask)
+        (t_head, t_bias), (s_head, s_bias) = (output_head(m, pair.vocab_size) for m in (pair.teacher, pair.student))
+        stats = decompose_hidden(t_hidden[:, :-1], t_head, s_hidden[:, :-1], s_head, targets.to(device),
+                                 teacher_bias=t_bias, student_bias=s_bias, **options)
+    else:  # soft-capped or scaled heads: the models' own logits
+        teacher, student = pair.logits(ids, mask)
+        stats = decompose(teacher[:, :-1], student[:, :-1], targets.to(device), **options)
     b_idx, t_idx = stats.valid.cpu().nonzero(as_tuple=True)
-    offsets = torch.tensor(batch.offsets)
     columns = {
-        "doc_id": (b_idx + first_doc).tolist(),
-        "position": (t_idx + 1 - offsets[b_idx]).tolist(),
-        "token_id": targets[b_idx, t_idx].tolist(),
-        "is_response": (batch.labels[:, 1:][b_idx, t_idx] != IGNORE_INDEX).tolist(),
+        "doc_id": torch.tensor(doc_ids)[b_idx].numpy(),
+        "position": (t_idx + 1 - torch.tensor(batch.offsets)[b_idx]).numpy(),
+        "token_id": targets[b_idx, t_idx].numpy(),
+        "is_response": (batch.labels[:, 1:][b_idx, t_idx] != IGNORE_INDEX).numpy(),
     }
     for name, tensor in stats.as_dict().items():
-        if name == "valid":
-            continue
-        columns[name] = tensor.cpu()[b_idx, t_idx].tolist()
-    return columns
+        if name != "valid":
+            columns[name] = tensor.cpu()[b_idx, t_idx].numpy()
+    df = pl.DataFrame(columns)
+    lists = [c for c in df.columns if c.endswith(("_topk_ids", "_topk_probs"))]
+    return df.with_columns(pl.col(c).cast(pl.List(df.schema[c].inner)) for c in lists)
 
 
-def _token_texts(tokenizer, ids) -> dict[int, str]:
-    return {i: visible(tokenizer.decode([i])) for i in ids}
+class _TokenTexts:
+    """Decoded, visible token texts, decoded once per id over the whole run."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.texts = tokenizer, {}
+
+    def add_columns(self, df: pl.DataFrame, top_k: int) -> pl.DataFrame:
+        ids = set(df["token_id"].unique().to_list())
+        if top_k:
+            ids |= set(df["t_topk_ids"].explode().unique().to_list()) | set(df["s_topk_ids"].explode().unique().to_list())
+        self.texts.update({i: visible(self.tokenizer.decode([i])) for i in ids if i not in self.texts})
+        texts = {i: self.texts[i] for i in ids}
+        df = df.with_columns(token=pl.col("token_id").replace_strict(texts, return_dtype=pl.String))
+        if top_k:
+            df = df.with_columns(
+                pl.col(f"{side}_topk_ids").list.eval(pl.element().replace_strict(texts, return_dtype=pl.String))
+                .alias(f"{side}_topk_tokens") for side in ("t", "s"))
+        return df
 
 
-def _hard_flag(df: pl.DataFrame, *, k: float, split: str, batch_size: int) -> pl.DataFrame:
-    """hard = response token with unc >= the (1 - k) quantile (linear) of its group's response tokens."""
+def _part_frame(pair: ModelPair, dataset: TokenDataset, part: Part, s: _Settings, texts: _TokenTexts,
+                advance) -> pl.DataFrame:
+    examples = dataset.examples[part.start : part.end]
+    lengths = [len(ex.input_ids) for ex in examples]
+    frames = []
+    for batch in length_batches(lengths, batch_size=s.batch_size, batch_tokens=s.batch_tokens):
+        frames.append(_batch_frame(pair, [examples[i] for i in batch], [part.start + i for i in batch], s))
+        advance(sum(lengths[i] for i in batch))
+    df = pl.concat(frames).sort("doc_id", "position")
+    df = df.with_columns(pl.col(list(SCALAR_FIELDS)).cast(pl.Float32))
+    sources = {part.start + i: ex.source for i, ex in enumerate(examples)}
+    return texts.add_columns(df, s.top_k).with_columns(
+        source=pl.col("doc_id").replace_strict(sources, return_dtype=pl.String))
+
+
+def _part_is_done(path: Path, part: Part, key: str) -> bool:
+    """Whether `path` is a finished part of this run (any other file there is moved aside)."""
+    if not path.is_file():
+        return False
+    try:
+        meta = json.loads(pl.read_parquet_metadata(path).get(META_KEY, "{}"))
+        rows = int(pl.scan_parquet(path).select(pl.len()).collect().item())
+    except Exception as err:
+        move_aside(path, f"{type(err).__name__}: {err}")
+        return False
+    if meta.get("key") != key or rows != part.rows:
+        move_aside(path, f"it holds {rows} rows for key {meta.get('key')}, expected {part.rows} for {key}")
+        return False
+    return True
+
+
+def _thresholds(scan: pl.LazyFrame, *, k: float, split: str, batch_size: int) -> tuple[pl.Expr, pl.DataFrame]:
+    """(group expression, threshold per group): the (1 - k) quantile (linear) of the group's response-token u."""
     group = {"sequence": pl.col("doc_id"), "batch": pl.col("doc_id") // batch_size, "dataset": pl.lit(0)}[split]
-    response_unc = pl.when(pl.col("is_response")).then(pl.col("unc"))
-    threshold = response_unc.quantile(1 - k, interpolation="linear").over(group)
-    return df.with_columns(
-        hard=(pl.col("is_response") & (pl.col("unc") >= threshold)).fill_null(False),
-        unc_threshold=threshold,
-    )
+    thresholds = (scan.filter(pl.col("is_response")).group_by(group.alias("_group"))
+                  .agg(pl.col("unc").quantile(1 - k, interpolation="linear").alias("unc_threshold")).collect())
+    return group, thresholds
 
 
-def _cache_key(pair: ModelPair, dataset: TokenDataset, settings: dict) -> str:
-    from kdviz import __version__
+def merge_parts(files: list[Path], out: Path, *, k: float, split: str, batch_size: int, meta: dict) -> Path:
+    """One table from the part files (in order) with the hard/easy split over all of them, written atomically."""
+    scan = pl.scan_parquet(files)
+    group, thresholds = _thresholds(scan, k=k, split=split, batch_size=batch_size)
+    table = (scan.with_columns(group.alias("_group"))
+             .join(thresholds.lazy(), on="_group", how="left", maintain_order="left")
+             .with_columns(hard=(pl.col("is_response") & (pl.col("unc") >= pl.col("unc_threshold"))).fill_null(False))
+             .drop("_group"))
+    rows = int(scan.select(pl.len()).collect().item())
+    return write_with(out, lambda temp: table.sink_parquet(temp, metadata={META_KEY: json.dumps({**meta, "rows": rows})}),
+                      what="token table")
 
-    payload = json.dumps({"pair": pair.fingerprint, "data": dataset.fingerprint, "settings": settings,
-                          "kdviz": __version__}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _work_folder(root: Path, key: str, here: distributed.World) -> tuple[Path, bool]:
+    """(folder for this run's parts, whether results can be cached there)."""
+    try:
+        check_writable(root, what="cache folder", folder=True)
+    except ValueError as err:
+        if here.size > 1:
+            raise ValueError(f"{err} Several processes need one writable folder they all see: set KDVIZ_CACHE_DIR "
+                             "(or cache_dir=) to a shared folder.") from None
+        warn(f"{err} Analysing without a cache; the result is still returned and written to --out.")
+        return Path(tempfile.mkdtemp(prefix="kdviz-analyze-")), False
+    return root / f"{key}.parts", True
+
+
+def check_options(*, k, split, batch_size, batch_tokens, top_k, temperature, template, padding_side="right") -> None:
+    """ValueError naming the first analysis option that is not allowed (run before any model is loaded)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0 < k <= 1:
+        raise ValueError(f"k is the fraction of hard tokens and must be in (0, 1], got {k!r}.")
+    check_count(batch_size, "batch_size", minimum=1)
+    check_count(batch_tokens, "batch_tokens", minimum=1)
+    check_count(top_k, "top_k", minimum=0)
+    check_temperature(temperature)
+    check_template(template)
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
 
 
 def analyze(
@@ -189,13 +385,18 @@ def analyze(
     k: float = 0.5,
     split: str = "sequence",
     batch_size: int = 8,
+    batch_tokens: int = DEFAULT_BATCH_TOKENS,
     top_k: int = 5,
     temperature: float = 1.0,
     padding_side: str = "right",
     max_length: int | None = None,
     limit: int | None = None,
+    template: str = "auto",
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    lazy: bool = False,
+    part_tokens: int = DEFAULT_PART_TOKENS,
     progress: bool = True,
     **fields,
 ) -> TokenTable:
@@ -206,57 +407,113 @@ def analyze(
         data: anything `kdviz.data.load_data` reads (zoo:code, a .jsonl file, texts, ...).
         k: fraction of target tokens marked hard (highest teacher uncertainty).
         split: where the hard/easy threshold is computed: per "sequence", per "batch" of
-            `batch_size` examples (as in the official ATKD code), or over the whole "dataset".
+            `batch_size` consecutive examples (as in the official ATKD code), or over the whole "dataset".
+        batch_size, batch_tokens: at most this many sequences and padded tokens per forward pass;
+            examples are batched by length, the table stays in data order.
         top_k: top-k tokens of both models kept per row (0 to skip ranks and top-k).
-        cache: reuse a previous result with the same model fingerprints, data and settings.
+        template: how prompt/response records are formatted ("auto", "chat", "alpaca", "plain").
+        cache: reuse a finished result with the same models (every weight), data and settings,
+            and resume an interrupted run from its finished parts. Entries live under
+            `cache_dir` (default ``$KDVIZ_CACHE_DIR`` or ``~/.cache/kdviz``).
+        out: also write the table there (parquet, renamed into place when complete).
+        lazy: return a table backed by the file (for results larger than memory).
         fields: prompt_field / response_field / context_field / truncate for record data.
 
-    Results do not depend on batch_size or padding_side (except split="batch", whose groups
-    are batches by definition). Prompt tokens of instruction data get rows with
-    is_response=False; they are never hard and the summary leaves them out.
+    Under torchrun / accelerate launch, each rank analyses its share and rank 0 merges; every
+    rank returns the merged table. Results do not depend on batch_size, batch_tokens,
+    padding_side, part_tokens or the number of processes (except split="batch", whose groups
+    are batches of consecutive examples by definition). Prompt tokens of instruction data get
+    rows with is_response=False; they are never hard and the summary leaves them out.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
-    if not 0 < k <= 1:
-        raise ValueError(f"k is the fraction of hard tokens and must be in (0, 1], got {k}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    check_options(k=k, split=split, batch_size=batch_size, batch_tokens=batch_tokens, top_k=top_k,
+                  temperature=temperature, template=template, padding_side=padding_side)
+    check_count(part_tokens, "part_tokens", minimum=1)
+    if top_k > pair.vocab_size:
+        raise ValueError(f"top_k={top_k} exceeds the vocabulary size {pair.vocab_size}.")
+    here = distributed.init(pair.device)
     max_length = max_length or pair.max_length or DEFAULT_MAX_LENGTH
-    dataset = load_data(data, pair.tokenizer, max_length=max_length, limit=limit, **fields)
+    dataset = load_data(data, pair.tokenizer, max_length=max_length, limit=limit, template=template, **fields)
+    s = _Settings(top_k, float(temperature), padding_side, batch_size, batch_tokens)
+    part_key = _key(pair.fingerprint, dataset.fingerprint, top_k, float(temperature), TABLE_FORMAT)
     settings = {"k": k, "split": split, "top_k": top_k, "temperature": temperature,
                 "batch_size": batch_size if split == "batch" else None}
-    cache_path = Path(cache_dir or cache_root()) / "analyze" / f"{_cache_key(pair, dataset, settings)}.parquet"
-    if cache and cache_path.is_file():
-        return TokenTable.load(cache_path)
-
-    columns: dict[str, list] = {}
-    starts = range(0, len(dataset), batch_size)
-    for start in tqdm(starts, desc="analyze", unit="batch", disable=not progress or len(starts) < 2):
-        rows = _batch_rows(pair, dataset.examples[start : start + batch_size], start,
-                           padding_side=padding_side, top_k=top_k, temperature=temperature)
-        for name, values in rows.items():
-            columns.setdefault(name, []).extend(values)
-    df = pl.DataFrame(columns).with_columns(pl.col(list(SCALAR_FIELDS)).cast(pl.Float32))
-    df = _hard_flag(df, k=k, split=split, batch_size=batch_size)
-    df = _add_token_text(df, pair.tokenizer, top_k)
-    df = df.with_columns(source=pl.Series([dataset.examples[i].source for i in df["doc_id"]]))
-    meta = {**settings, "teacher": pair.teacher_name, "student": pair.student_name,
-            "fingerprint": pair.fingerprint, "data": dataset.description, "data_fingerprint": dataset.fingerprint}
-    table = TokenTable(df, meta)
-    if cache:
-        table.save(cache_path)
+    key = _key(part_key, settings)
+    meta = {**settings, "teacher": pair.teacher_name, "student": pair.student_name, "fingerprint": pair.fingerprint,
+            "data": dataset.description, "data_fingerprint": dataset.fingerprint, "template": dataset.template,
+            "format": TABLE_FORMAT}
+    root = expand(cache_dir) / "analyze" if cache_dir else cache_root() / "analyze"
+    entry = root / f"{key}.parquet"
+    if cache and entry.is_file():
+        try:
+            table = TokenTable.load(entry, lazy=lazy)
+            if len(table) == sum(len(ex.input_ids) - 1 for ex in dataset):
+                return _deliver(table, entry, out)
+            move_aside(entry, f"it holds {len(table)} rows, not the {sum(len(ex.input_ids) - 1 for ex in dataset)} "
+                              "this data gives")
+        except ValueError as err:
+            move_aside(entry, str(err))
+    work, cacheable = _work_folder(root, key, here)
+    if not cache and here.is_main and work.exists():
+        shutil.rmtree(work)  # recompute from scratch
+    distributed.barrier()
+    parts = plan_parts([len(ex.input_ids) for ex in dataset], part_tokens)
+    _run_parts(pair, dataset, parts, work, part_key, s, here, progress=progress)
+    distributed.barrier()
+    final = entry if cacheable and cache else (expand(out) if out is not None else work / "table.parquet")
+    if here.is_main:
+        final = _merge(work, parts, final, out, k=k, split=split, batch_size=batch_size, meta=meta)
+    final = distributed.broadcast(final)
+    table = _deliver(TokenTable.load(final, lazy=lazy), final, out)  # eager tables are read in full here
+    distributed.barrier()
+    if here.is_main and (final.parent != work or not lazy):
+        shutil.rmtree(work, ignore_errors=True)
     return table
 
 
-def _add_token_text(df: pl.DataFrame, tokenizer, top_k: int) -> pl.DataFrame:
-    ids = set(df["token_id"].to_list())
-    if top_k:
-        ids |= set(df["t_topk_ids"].explode().to_list()) | set(df["s_topk_ids"].explode().to_list())
-    texts = _token_texts(tokenizer, sorted(ids))
-    df = df.with_columns(token=pl.col("token_id").replace_strict(texts, return_dtype=pl.String))
-    if top_k:
-        df = df.with_columns(
-            t_topk_tokens=pl.col("t_topk_ids").list.eval(pl.element().replace_strict(texts, return_dtype=pl.String)),
-            s_topk_tokens=pl.col("s_topk_ids").list.eval(pl.element().replace_strict(texts, return_dtype=pl.String)),
-        )
-    return df
+def _merge(work: Path, parts: list[Part], final: Path, out, **options) -> Path:
+    """Merge into `final` (the cache entry); if that cannot be written, into `out` instead (a warning)."""
+    files = [work / p.name for p in parts]
+    try:
+        return merge_parts(files, final, **options)
+    except ValueError as err:
+        if out is None or expand(out) == final:
+            raise ValueError(f"{err} The finished parts in {work} are kept: run the same command again to finish "
+                             "from them.") from None
+        warn(f"{err} The table is written to {out} only.")
+        return merge_parts(files, expand(out), **options)
+
+
+def _run_parts(pair: ModelPair, dataset: TokenDataset, parts: list[Part], work: Path, key: str, s: _Settings,
+               here: distributed.World, *, progress: bool) -> None:
+    """Compute this rank's parts that are not finished yet, each written to `work` as soon as it is done."""
+    if here.is_main:  # one process checks the files there (and moves broken ones aside)
+        for part in parts:
+            _part_is_done(work / part.name, part, key)
+    distributed.barrier()
+    done = [(work / p.name).is_file() for p in parts]
+    mine = [p for i, p in enumerate(parts) if i % here.size == here.rank and not done[i]]
+    tokens = lambda ps: sum(p.rows + (p.end - p.start) for p in ps)  # noqa: E731
+    if any(done) and here.is_main:
+        reused = [p for p, d in zip(parts, done) if d]
+        print(f"analyze: reusing {len(reused)} of {len(parts)} finished parts ({tokens(reused):,} of "
+              f"{tokens(parts):,} tokens) from an earlier run in {work}", file=sys.stderr)
+    texts = _TokenTexts(pair.tokenizer)
+    bar = tqdm(total=tokens(mine), desc="analyze" if here.size == 1 else f"analyze rank {here.rank}", unit="tok",
+               unit_scale=True, disable=not progress or not mine, position=here.rank)
+    for part in mine:
+        df = _part_frame(pair, dataset, part, s, texts, bar.update)
+        part_meta = {"key": key, "start": part.start, "end": part.end, "rows": part.rows}
+        try:
+            write_with(work / part.name, lambda temp: df.write_parquet(temp, metadata={META_KEY: json.dumps(part_meta)}),
+                       what="part of the analysis")
+        except ValueError as err:
+            raise ValueError(f"{err} Finished parts in {work} are kept: run the same command again to continue "
+                             "from them.") from None
+    bar.close()
+
+
+def _deliver(table: TokenTable, path: Path, out: str | os.PathLike | None) -> TokenTable:
+    """Copy the finished table file to `out` (atomically) unless it was written there already."""
+    if out is not None and distributed.world().is_main and expand(out).resolve() != path.resolve():
+        write_with(out, lambda temp: shutil.copyfile(path, temp), what="token table")
+    return table

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
+import warnings
 from pathlib import Path
+
+from kdviz.analyze import DEFAULT_BATCH_TOKENS, DEFAULT_PART_TOKENS
+from kdviz.data import TEMPLATES
 
 DEMO_TEACHER, DEMO_STUDENT = "zoo:teacher-l", "zoo:student"
 
@@ -29,19 +34,37 @@ Alpaca layouts are detected), or a text file or folder.
 def _add_pair_options(parser: argparse.ArgumentParser, *, student_help: str) -> None:
     parser.add_argument("--teacher", required=True, help="teacher model: hub id, local folder or zoo:NAME")
     parser.add_argument("--student", required=True, help=student_help)
-    parser.add_argument("--data", required=True, help="zoo:code, zoo:docstrings, a .jsonl file, or a text file/folder")
+    parser.add_argument("--data", required=True,
+                        help="zoo:code, zoo:docstrings, a .jsonl/.json/.parquet file of records, or a text file/folder")
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt-field", default=None, help="record field holding the prompt (default: detected)")
+    parser.add_argument("--response-field", default=None, help="record field holding the response (default: detected)")
+    parser.add_argument("--context-field", default=None,
+                        help="record field holding optional context/input (default: 'context' or 'input' if present)")
+    parser.add_argument("--template", choices=TEMPLATES, default="auto",
+                        help="how records are formatted: chat (the tokenizer's chat template), alpaca (### Instruction "
+                             "/ ### Response), plain, or auto (chat when the tokenizer has one; default)")
+    parser.add_argument("--truncate", action="store_true", help="cut responses longer than the context")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N examples (reading stops there)")
 
 
 def _add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=float, default=0.5, help="fraction of target tokens marked hard (default 0.5)")
     parser.add_argument("--split", choices=["sequence", "batch", "dataset"], default="sequence",
                         help="where the hard/easy threshold is computed (default: per sequence)")
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
+    parser.add_argument("--batch-size", type=int, default=8, help="most sequences per forward pass (default 8)")
+    parser.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
+                        help=f"most padded tokens per forward pass (default {DEFAULT_BATCH_TOKENS})")
     parser.add_argument("--top-k", type=int, default=5, help="top-k tokens of each model kept per row (default 5)")
     parser.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N examples")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda with bf16 if present)")
-    parser.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
+    parser.add_argument("--part-tokens", type=int, default=DEFAULT_PART_TOKENS,
+                        help=f"tokens per part file written as the run goes, the unit of resuming "
+                             f"(default {DEFAULT_PART_TOKENS})")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="recompute even if a cached result (or finished parts of an interrupted run) exists")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,11 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_pair_options(analyze, student_help="student model (same tokenizer as the teacher)")
     analyze.add_argument("--out", required=True, help="where to write the token table (.parquet)")
-    analyze.add_argument("--report", default=None, help="also write an offline HTML report here")
-    analyze.add_argument("--prompt-field", default=None, help="JSONL field holding the prompt")
-    analyze.add_argument("--response-field", default=None, help="JSONL field holding the response")
-    analyze.add_argument("--context-field", default=None, help="JSONL field holding optional context/input")
-    analyze.add_argument("--truncate", action="store_true", help="cut responses longer than the context")
+    analyze.add_argument("--report", default=None, help="also write an offline HTML report here (.html)")
+    _add_data_options(analyze)
     _add_analysis_options(analyze)
 
     demo = commands.add_parser("demo", help="analyze zoo:teacher-l vs zoo:student and write an HTML report")
@@ -80,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--ce-weight", type=float, default=0.0, help="weight of the cross-entropy term (default 0)")
     distill.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
     distill.add_argument("--lr", type=float, default=5e-4, help="peak learning rate, cosine schedule (default 5e-4)")
-    distill.add_argument("--eval-size", type=int, default=32, help="examples held out for evaluation (default 32)")
-    distill.add_argument("--limit", type=int, default=None, help="use only the first N examples")
+    distill.add_argument("--eval-size", type=int, default=None,
+                         help="examples held out for evaluation (default: a fifth of the data, at most 32)")
     distill.add_argument("--seed", type=int, default=0, help="seed for the split, the order and the init (default 0)")
+    _add_data_options(distill)
     distill.add_argument("--device", default=None, help="cpu or cuda")
 
     zoo = commands.add_parser("zoo", help="the embedded model zoo: list or rebuild it")
@@ -96,23 +117,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_analyze(args) -> None:
-    from kdviz import analyze, load_pair
+def _fields(args) -> dict:
+    return {"prompt_field": args.prompt_field, "response_field": args.response_field,
+            "context_field": args.context_field}
 
-    pair = load_pair(args.teacher, args.student, device=args.device)
-    fields = {k: v for k, v in (("prompt_field", args.prompt_field), ("response_field", args.response_field),
-                                ("context_field", args.context_field)) if v}
-    if args.truncate:
-        fields["truncate"] = True
-    table = analyze(pair, args.data, k=args.k, split=args.split, batch_size=args.batch_size, top_k=args.top_k,
-                    temperature=args.temperature, limit=args.limit, cache=not args.no_cache, **fields)
-    out = table.save(args.out)
+
+def _data_path(data: str) -> str | None:
+    return None if data.startswith("zoo:") else data
+
+
+def run_analyze(args) -> None:
+    from kdviz import analyze, distributed, load_pair
+    from kdviz.analyze import check_options
+    from kdviz.data import read_data
+    from kdviz.files import check_distinct, check_writable
+    from kdviz.models import resolve_device
+
+    check_options(k=args.k, split=args.split, batch_size=args.batch_size, batch_tokens=args.batch_tokens,
+                  top_k=args.top_k, temperature=args.temperature, template=args.template)
+    check_distinct({"--data": _data_path(args.data), "--out": args.out, "--report": args.report})
+    _check_suffix(args.out, ".parquet", "--out")
+    if args.report:
+        _check_suffix(args.report, ".html", "--report")
+    for path, what in ((args.out, "--out file"), (args.report, "--report file")):
+        if path:
+            check_writable(path, what=what)
+    source = read_data(args.data, limit=args.limit, **_fields(args))  # data checked before any model loads
+    device = resolve_device(args.device)
+    pair = load_pair(args.teacher, args.student, device=distributed.local_device(device))
+    table = analyze(pair, source, k=args.k, split=args.split, batch_size=args.batch_size,
+                    batch_tokens=args.batch_tokens, top_k=args.top_k, temperature=args.temperature, limit=args.limit,
+                    template=args.template, truncate=args.truncate, cache=not args.no_cache, out=args.out,
+                    part_tokens=args.part_tokens, lazy=True)
+    if not distributed.world().is_main:
+        return
     print(table.summary())
-    print(f"\nToken table ({len(table)} rows): {out}")
+    print(f"\nToken table ({len(table):,} rows): {args.out}")
     if args.report:
         from kdviz.report import write_report
 
         print(f"Report: {write_report(table, args.report)}")
+
+
+def _check_suffix(path: str, suffix: str, option: str) -> None:
+    if not str(path).endswith(suffix):
+        raise ValueError(f"{option} {path!r} should end in {suffix} (it is written as {suffix[1:]}); "
+                         f"e.g. {option} {Path(path).with_suffix(suffix)}.")
 
 
 def run_demo(args) -> None:
@@ -155,12 +205,14 @@ def _parse_params(items: list[str]) -> dict:
 
 
 def run_distill(args) -> None:
+    from kdviz.files import check_distinct
     from kdviz.train import distill
 
+    check_distinct({"--data": _data_path(args.data), "--out": args.out})
     result = distill(args.teacher, args.student, args.data, loss=args.loss, steps=args.steps, out_dir=args.out,
                      eval_size=args.eval_size, limit=args.limit, batch_size=args.batch_size, learning_rate=args.lr,
                      seed=args.seed, device=args.device, loss_params=_parse_params(args.param),
-                     ce_weight=args.ce_weight)
+                     ce_weight=args.ce_weight, template=args.template, truncate=args.truncate, **_fields(args))
     rouge = {name: "n/a" if r.rouge_l is None else f"{r.rouge_l:.3f}" for name, r in
              (("before", result.before), ("after", result.after))}
     print(f"\n{args.loss} on {result.settings['data']}: {args.steps} steps in {result.train_seconds:.0f} s")
@@ -183,6 +235,14 @@ def run_zoo(args) -> None:
         print(f"{name:<16}{m['parameters']:>12,} params  {m['tokens_seen']:>10,} tokens  held-out loss {m['heldout_loss']:.3f}")
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"kdviz: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -190,12 +250,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in handlers:
         parser.print_help()
         return 2
+    from kdviz.files import KdvizWarning
+
+    warnings.showwarning = _show_warning
+    warnings.simplefilter("always", KdvizWarning)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill runs the same clean-up as Ctrl-C
     try:
         handlers[args.command](args)
     except ValueError as err:
         print(f"kdviz {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"kdviz {args.command}: interrupted. Files that existed before are unchanged; "
+              f"{INTERRUPTED.get(args.command, 'run it again to start over.')}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+INTERRUPTED = {"analyze": "finished parts are kept: run the same command again to continue from them."}
 
 
 if __name__ == "__main__":

@@ -219,7 +219,7 @@ def _string_field(record: dict, name: str, where: str, *, optional: bool = False
     if value is None and optional:
         return ""
     if not isinstance(value, str):
-        shown = "null" if value is None else f"a {type(value).__name__} ({str(value)[:40]!r})"
+        shown = "null" if value is None else f"of type {type(value).__name__} ({repr(value)[:40]})"
         raise ValueError(f"{where}: field {name!r} is {shown}, not a string. Fix the record or drop it; kdviz does "
                          "not guess text for it.")
     return value

@@ -55,23 +55,27 @@ class TokenStats:
 SCALAR_FIELDS = ("unc", "tkd", "dkd", "kl", "rkl", "t_entropy", "s_entropy", "t_logp", "s_logp")
 
 
-def _check_inputs(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor, temperature: float, ignore_index: int):
+def _check_inputs(teacher_logits: Tensor, student_logits: Tensor, labels: Tensor):
     if teacher_logits.dim() != 3 or teacher_logits.shape != student_logits.shape:
         raise ValueError(
             f"teacher_logits {tuple(teacher_logits.shape)} and student_logits {tuple(student_logits.shape)} "
             "must both be [B, T, V] with the same shape. If the vocab sizes differ, load the pair with "
             "kdviz.load_pair, which aligns both to the shared tokenizer's vocabulary."
         )
-    if labels.shape != teacher_logits.shape[:2]:
+    _check_labels(labels, teacher_logits.shape[:2])
+
+
+def _check_labels(labels: Tensor, shape) -> None:
+    if labels.shape != shape:
         raise ValueError(
-            f"labels {tuple(labels.shape)} must be [B, T] = {tuple(teacher_logits.shape[:2])}; "
+            f"labels {tuple(labels.shape)} must be [B, T] = {tuple(shape)}; "
             "shift before calling (logits[:, :-1] predict labels[:, 1:])."
         )
-    check_temperature(temperature)
-    vocab = teacher_logits.shape[-1]
-    targets = labels[labels != ignore_index]
-    if targets.numel() and (targets.min() < 0 or targets.max() >= vocab):
-        bad = targets[(targets < 0) | (targets >= vocab)][0].item()
+
+
+def _check_targets(y: Tensor, vocab: int, ignore_index: int) -> None:
+    if y.numel() and (y.min() < 0 or y.max() >= vocab):
+        bad = y[(y < 0) | (y >= vocab)][0].item()
         raise ValueError(
             f"label {bad} is outside the vocabulary [0, {vocab}) and is not ignore_index={ignore_index}; "
             "check that labels come from the same tokenizer as the logits."
@@ -109,12 +113,31 @@ class _Workspace:
             self.buffers[name] = torch.empty(self.rows, self.vocab, dtype=torch.float32, device=self.device)
         return self.buffers[name][:rows]
 
-    def load(self, name: str, source: Tensor, index: Tensor) -> Tensor:
-        """Rows `index` of `source` [N, V] as fp32, in this workspace."""
-        buffer = self.take(name, len(index))
-        if source.dtype == torch.float32:
-            return torch.index_select(source, 0, index, out=buffer)
-        return buffer.copy_(source.index_select(0, index))
+
+class _LogitRows:
+    """Rows of [B, T, V] logits, copied as fp32 into a workspace buffer."""
+
+    def __init__(self, logits: Tensor):
+        self.flat = logits.reshape(-1, logits.shape[-1])  # (B*T, V), a view
+
+    def load(self, index: Tensor, out: Tensor) -> Tensor:
+        if self.flat.dtype == torch.float32:
+            return torch.index_select(self.flat, 0, index, out=out)
+        return out.copy_(self.flat.index_select(0, index))
+
+
+class _HeadRows:
+    """Logit rows made on demand from final hidden states [B, T, H] and an LM head [V, H] (+ bias [V])."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None):
+        self.flat, self.weight, self.bias = hidden.reshape(-1, hidden.shape[-1]), weight, bias
+
+    def load(self, index: Tensor, out: Tensor) -> Tensor:
+        rows = self.flat.index_select(0, index)  # (C, H)
+        if rows.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            torch.matmul(rows, self.weight.T, out=out)  # (C, V)
+            return out if self.bias is None else out.add_(self.bias)
+        return out.copy_(torch.nn.functional.linear(rows, self.weight, self.bias))  # the model's dtype, as it would
 
 
 def _log_parts(x: Tensor, target: Tensor, temperature: float, name: str, rest: Tensor):
@@ -260,6 +283,7 @@ def decompose(
         top_k: when > 0, also the target's rank and the top-k ids/probs of both models.
         chunk_rows: rows per streaming chunk (default: about 2M logits per chunk).
 
+    A -inf logit is a token of probability 0 (exact); NaN or +inf is a ValueError.
     Not differentiable (analysis only); training losses live in `kdviz.losses`.
 
     >>> import torch
@@ -268,8 +292,50 @@ def decompose(
     >>> bool(torch.allclose(st.kl, st.tkd + st.unc * st.dkd))
     True
     """
-    _check_inputs(teacher_logits, student_logits, labels, temperature, ignore_index)
-    batch, seq, vocab = teacher_logits.shape
+    _check_inputs(teacher_logits, student_logits, labels)
+    return _decompose_rows(_LogitRows(teacher_logits), _LogitRows(student_logits), labels, teacher_logits.shape[-1],
+                           temperature=temperature, ignore_index=ignore_index, top_k=top_k, chunk_rows=chunk_rows)
+
+
+@torch.no_grad()
+def decompose_hidden(
+    teacher_hidden: Tensor,
+    teacher_head: Tensor,
+    student_hidden: Tensor,
+    student_head: Tensor,
+    labels: Tensor,
+    *,
+    teacher_bias: Tensor | None = None,
+    student_bias: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    top_k: int = 0,
+    chunk_rows: int | None = None,
+) -> TokenStats:
+    """`decompose` from final hidden states [B, T, H] and LM-head weights [V, H]: no [B, T, V] logits.
+
+    Each chunk of rows gets its logits (C x V) from `hidden @ head.T + bias`, in the models'
+    dtype as their own forward would, then fp32 for the math. Teacher and student may have
+    different hidden sizes; the heads must have the same V rows (the shared vocabulary).
+    """
+    vocab = teacher_head.shape[0]
+    if student_head.shape[0] != vocab or teacher_hidden.shape[:2] != student_hidden.shape[:2] \
+            or teacher_hidden.shape[-1] != teacher_head.shape[1] or student_hidden.shape[-1] != student_head.shape[1]:
+        raise ValueError(
+            f"teacher_hidden {tuple(teacher_hidden.shape)}, teacher_head {tuple(teacher_head.shape)}, student_hidden "
+            f"{tuple(student_hidden.shape)} and student_head {tuple(student_head.shape)} must be [B, T, H_t], "
+            "[V, H_t], [B, T, H_s] and [V, H_s]."
+        )
+    _check_labels(labels, teacher_hidden.shape[:2])
+    return _decompose_rows(_HeadRows(teacher_hidden, teacher_head, teacher_bias),
+                           _HeadRows(student_hidden, student_head, student_bias), labels, vocab,
+                           temperature=temperature, ignore_index=ignore_index, top_k=top_k, chunk_rows=chunk_rows)
+
+
+def _decompose_rows(teacher, student, labels: Tensor, vocab: int, *, temperature: float, ignore_index: int,
+                    top_k: int, chunk_rows: int | None) -> TokenStats:
+    """The streaming loop shared by `decompose` and `decompose_hidden`."""
+    check_temperature(temperature)
     check_count(top_k, "top_k", minimum=0)
     if chunk_rows is not None:
         check_count(chunk_rows, "chunk_rows", minimum=1)
@@ -277,19 +343,18 @@ def decompose(
         raise ValueError(f"top_k={top_k} exceeds the vocabulary size {vocab}.")
     valid = labels != ignore_index  # (B, T)
     rows = valid.reshape(-1).nonzero().squeeze(1)  # (N,)
-    z_flat = teacher_logits.reshape(-1, vocab)
-    s_flat = student_logits.reshape(-1, vocab)
     y_flat = labels.reshape(-1)
+    _check_targets(y_flat[rows], vocab, ignore_index)
     step = min(chunk_rows or max(1, DEFAULT_CHUNK_ELEMENTS // vocab), max(1, len(rows)))
-    ws = _Workspace(step, vocab, teacher_logits.device)
+    ws = _Workspace(step, vocab, labels.device)
     parts: dict[str, list[Tensor]] = {}
     for start in range(0, len(rows), step):
         idx = rows[start : start + step]
-        z, s = ws.load("z", z_flat, idx), ws.load("s", s_flat, idx)
+        z, s = teacher.load(idx, ws.take("z", len(idx))), student.load(idx, ws.take("s", len(idx)))
         stats = _chunk_stats(z, s, y_flat[idx], temperature, top_k, ws)
         for key, value in stats.items():
             parts.setdefault(key, []).append(value)
-    return _assemble(parts, rows, valid, top_k, device=teacher_logits.device)
+    return _assemble(parts, rows, valid, top_k, device=labels.device)
 
 
 def _assemble(parts: dict[str, list[Tensor]], rows: Tensor, valid: Tensor, top_k: int, device) -> TokenStats:

@@ -13,6 +13,7 @@ file or the new one, never half of one. Output paths are checked before any work
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import uuid
 import warnings
@@ -25,6 +26,24 @@ TEMP_MARK = ".kdviz-tmp-"  # temporary files carry this in their name (never a f
 
 class KdvizWarning(UserWarning):
     """Something went wrong that does not change any result (e.g. the cache could not be written)."""
+
+
+def _write_errors() -> tuple[type[BaseException], ...]:
+    """OSError, and the error polars raises when its writer hits one (e.g. a full disk)."""
+    try:
+        from polars.exceptions import ComputeError
+    except ImportError:
+        return (OSError,)
+    return (OSError, ComputeError)
+
+
+WRITE_ERRORS = _write_errors()
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, OSError):
+        return err.strerror or str(err)
+    return str(err).rsplit(": ", 1)[-1]  # polars: "...: underlying IO error: No space left on device (os error 28)"
 
 
 def warn(message: str) -> None:
@@ -49,9 +68,9 @@ def atomic_path(path: str | os.PathLike, *, what: str = "file") -> Iterator[Path
     try:
         yield temp
         os.replace(temp, path)
-    except OSError as err:
+    except WRITE_ERRORS as err:
         raise ValueError(
-            f"Could not write the {what} {path}: {err.strerror or err}. "
+            f"Could not write the {what} {path}: {_reason(err)}. "
             f"{'The file already there is unchanged. ' if path.exists() else ''}"
             "Free some space or choose another path."
         ) from err
@@ -121,3 +140,26 @@ def move_aside(path: Path, reason: str) -> Path | None:
         return None
     warn(f"Could not read {path} ({reason}); moved it to {aside.name} and computing it again.")
     return aside
+
+
+@contextmanager
+def staged_folder(out: str | os.PathLike, *, what: str = "folder") -> Iterator[Path]:
+    """Yield an empty staging folder inside `out`; on success move each file it holds into `out`.
+
+    Every file lands by rename, so a file of an earlier run in `out` is replaced whole or left
+    as it was (an interrupted save leaves only the hidden staging folder, removed here).
+    """
+    out = expand(out)
+    stage = out / f"{TEMP_MARK}{uuid.uuid4().hex[:8]}"
+    try:
+        stage.mkdir(parents=True)
+        yield stage
+        for file in sorted(p for p in stage.rglob("*") if p.is_file()):
+            target = out / file.relative_to(stage)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(file, target)
+    except WRITE_ERRORS as err:
+        raise ValueError(f"Could not write the {what} {out}: {_reason(err)}. Files already there are "
+                         "unchanged. Free some space or choose another folder.") from err
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

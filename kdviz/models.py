@@ -124,7 +124,7 @@ def _load_one(name_or_path, *, device: str, dtype: torch.dtype, trust_remote_cod
                                                      **options)
     except Exception as err:  # transformers, safetensors and tokenizers raise many types for a broken model
         raise ValueError(
-            f"Could not load model {name!r}: {type(err).__name__}: {str(err).strip().splitlines()[0][:300]}\n"
+            f"Could not load model {name!r}: {type(err).__name__}: {str(err).strip().splitlines()[0][:300]}. "
             "If a weight file was copied or downloaded only in part, copy it again. Give a folder saved with "
             f"save_pretrained, a hub id, or a zoo name ({', '.join(zoo.names())})."
         ) from err
@@ -195,6 +195,46 @@ def position_ids(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
+def final_hidden(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The hidden states the LM head reads [B, T, H], through the (possibly wrapped) model's own forward."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                output_hidden_states=True, logits_to_keep=1)
+    return out.hidden_states[-1]
+
+
+def last_hidden(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Like `final_hidden` but through the base model only (no per-layer states kept); for inference."""
+    base = model.base_model
+    if base is not model:
+        out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+        if getattr(out, "last_hidden_state", None) is not None:
+            return out.last_hidden_state
+    return final_hidden(model, input_ids, attention_mask)
+
+
+def model_logits(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """The model's own logits [B, T, V] (whatever its head does)."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
+
+
+def output_head(model, vocab: int) -> tuple[Tensor, Tensor | None]:
+    """The LM head's weight [V, H] and bias [V] (or None), cut to the shared vocabulary."""
+    head = model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    return head.weight[:vocab], None if bias is None else bias[:vocab]
+
+
+def head_is_linear(model, input_ids: Tensor, hidden=final_hidden) -> bool:
+    """Whether logits == output_embeddings(hidden(...)) (no soft-capping or scaling)."""
+    mask, was_training = torch.ones_like(input_ids), model.training
+    model.eval()  # no dropout between the two passes
+    with torch.no_grad():
+        states = hidden(model, input_ids, mask)
+        logits = model_logits(model, input_ids, mask)
+    model.train(was_training)
+    return torch.allclose(model.get_output_embeddings()(states).float(), logits.float(), rtol=1e-3, atol=1e-3)
+
+
 @dataclass
 class ModelPair:
     """A frozen teacher and a student over one tokenizer; logits cut to the shared vocab."""
@@ -233,18 +273,33 @@ class ModelPair:
     def fingerprint(self) -> str:
         return f"{fingerprint(self.teacher)}-{fingerprint(self.student)}"
 
-    @torch.inference_mode()
-    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(teacher, student) logits [B, T, V_shared] for a padded batch (either padding side)."""
+    @cached_property
+    def linear_heads(self) -> bool:
+        """Whether both models' logits are a plain linear map of their last hidden state (see `states`)."""
+        probe = torch.arange(min(8, self.vocab_size), device=self.device)[None]
+        return all(head_is_linear(m, probe, last_hidden) for m in (self.teacher, self.student))
+
+    def _check_length(self, input_ids: Tensor) -> None:
         if self.max_length and input_ids.shape[1] > self.max_length:
             raise ValueError(
                 f"Cannot run a sequence of {input_ids.shape[1]} tokens: the models' context is only "
                 f"{self.max_length}. Window the text (kdviz.data does so for plain text) or shorten it."
             )
-        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
-        teacher = self.teacher(**kwargs).logits[..., : self.vocab_size]
-        student = self.student(**kwargs).logits[..., : self.vocab_size]
+
+    @torch.inference_mode()
+    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(teacher, student) logits [B, T, V_shared] for a padded batch (either padding side)."""
+        self._check_length(input_ids)
+        teacher = model_logits(self.teacher, input_ids, attention_mask)[..., : self.vocab_size]
+        student = model_logits(self.student, input_ids, attention_mask)[..., : self.vocab_size]
         return teacher, student
+
+    @torch.inference_mode()
+    def hidden(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(teacher, student) last hidden states [B, T, H] (use with `output_head`; no logits are made)."""
+        self._check_length(input_ids)
+        return (last_hidden(self.teacher, input_ids, attention_mask),
+                last_hidden(self.student, input_ids, attention_mask))
 
 
 def load_pair(

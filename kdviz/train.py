@@ -25,8 +25,10 @@ from torch import Tensor, nn
 from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from kdviz.data import IGNORE_INDEX, TokenDataset, collate, pad_id
+from kdviz.decompose import check_count
+from kdviz.files import check_writable, staged_folder, write_text
 from kdviz.losses import OBJECTIVES, get_loss
-from kdviz.models import ModelPair, position_ids
+from kdviz.models import ModelPair, final_hidden, head_is_linear, model_logits, output_head
 
 LOSSES = (*OBJECTIVES, "okd")
 
@@ -94,35 +96,6 @@ class OnlineAdapter(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         return hidden + self.up(self.down(hidden))  # (B, T, H)
-
-
-def final_hidden(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """The hidden states the LM head reads [B, T, H], through the (possibly wrapped) model."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                output_hidden_states=True, logits_to_keep=1)
-    return out.hidden_states[-1]
-
-
-def model_logits(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """The model's own logits [B, T, V] (whatever its head does)."""
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask)).logits
-
-
-def head_is_linear(model, input_ids: Tensor) -> bool:
-    """Whether logits == output_embeddings(final hidden state) (no soft-capping or scaling)."""
-    mask, was_training = torch.ones_like(input_ids), model.training
-    model.eval()  # no dropout between the two passes
-    with torch.no_grad():
-        hidden = final_hidden(model, input_ids, mask)
-        logits = model_logits(model, input_ids, mask)
-    model.train(was_training)
-    return torch.allclose(model.get_output_embeddings()(hidden).float(), logits.float(), rtol=1e-3, atol=1e-3)
-
-
-def _head(model, vocab: int) -> tuple[Tensor, Tensor | None]:
-    head = model.get_output_embeddings()
-    bias = getattr(head, "bias", None)
-    return head.weight[:vocab], None if bias is None else bias[:vocab]
 
 
 @dataclass
@@ -263,9 +236,9 @@ class DistillTrainer(Trainer):
         """(student LossParts, adapter loss or 0) from final hidden states and LM heads."""
         with torch.no_grad():
             t_hidden = final_hidden(self.teacher, ids, mask)[:, :-1]  # position t predicts label t + 1
-        t_head, t_bias = _head(self.teacher, self.vocab_size)
+        t_head, t_bias = output_head(self.teacher, self.vocab_size)
         s_hidden = final_hidden(model, ids, mask)[:, :-1]
-        s_head, s_bias = _head(self.accelerator.unwrap_model(model), self.vocab_size)
+        s_head, s_bias = output_head(self.accelerator.unwrap_model(model), self.vocab_size)
         extra = 0.0
         if self.adapter is not None:
             adapted = self.adapter(t_hidden.float()).to(t_hidden.dtype)
@@ -349,39 +322,61 @@ class DistillResult:
         return [entry for entry in self.history if "kd" in entry]
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2, default=str))
-        return path
+        return write_text(path, json.dumps(asdict(self), indent=2, default=str), what="run metrics")
+
+
+def eval_split_size(requested: int | None, available: int) -> int:
+    """How many examples to hold out: `requested`, or by default min(32, a fifth of the data)."""
+    if available < 2:
+        raise ValueError(f"Distillation needs at least 2 examples (one to train on, one to evaluate); the data gave "
+                         f"{available}. Use more data (or a larger --limit).")
+    if requested is None:
+        return min(32, max(1, available // 5))
+    check_count(requested, "eval_size", minimum=1)
+    if requested >= available:
+        raise ValueError(f"eval_size={requested} leaves nothing to train on: the data has {available} examples. "
+                         f"Use an eval size of at most {available - 1} (a fifth of the data is the default).")
+    return requested
 
 
 def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out_dir: str | Path | None = None,
-            eval_size: int = 32, limit: int | None = None, batch_size: int = 8, learning_rate: float = 5e-4,
-            seed: int = 0, device: str | None = None, callbacks=None, progress: bool = True,
-            **config) -> DistillResult:
+            eval_size: int | None = None, limit: int | None = None, batch_size: int = 8, learning_rate: float = 5e-4,
+            seed: int = 0, device: str | None = None, callbacks=None, progress: bool = True, template: str = "auto",
+            truncate: bool = False, prompt_field: str | None = None, response_field: str | None = None,
+            context_field: str | None = None, **config) -> DistillResult:
     """Distil `student` from `teacher` on `data` for `steps` steps and evaluate before and after.
 
     teacher/student: hub id, local folder or zoo name; data: anything `kdviz.data.load_data`
-    reads. Extra keyword arguments go to `DistillConfig` (e.g. loss_params={"lam": 0.2},
-    ce_weight=0.5, okd_rank=8). With `out_dir` the student is saved there in Hugging Face
-    format with `metrics.json`.
+    reads, with the same options (template, truncate, *_field, limit). `eval_size` examples
+    (default: a fifth of the data, at most 32) are held out. Extra keyword arguments go to
+    `DistillConfig` (e.g. loss_params={"lam": 0.2}, ce_weight=0.5, okd_rank=8). With `out_dir`
+    the student is saved there in Hugging Face format with `metrics.json`, each file renamed
+    into place.
     """
-    from kdviz.data import load_data
-    from kdviz.models import default_device, load_pair
+    from kdviz.data import check_template, read_data, tokenize
+    from kdviz.models import load_pair, resolve_device
 
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}.")
-    device = device or default_device()
+    check_count(steps, "steps", minimum=1)
+    check_count(batch_size, "batch_size", minimum=1)
+    check_template(template)
+    if eval_size is not None:
+        check_count(eval_size, "eval_size", minimum=1)
+    device = resolve_device(device)
     args = DistillConfig(output_dir=str(out_dir or Path.cwd() / "kdviz-out" / "distill"), loss=loss, max_steps=steps,
                          per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
                          learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
                          logging_steps=max(1, steps // 50), seed=seed, disable_tqdm=not progress,
                          use_cpu=device == "cpu", **config)  # settings checked before anything is loaded
+    source = read_data(data, limit=limit, prompt_field=prompt_field, response_field=response_field,
+                       context_field=context_field)
+    if out_dir is not None:
+        check_writable(out_dir, what="output folder", folder=True)
     torch.manual_seed(seed)
     pair = load_pair(teacher, student, device=device)
     pair.student.float().requires_grad_(True)
-    dataset = load_data(data, pair.tokenizer, max_length=pair.max_length or 1024, limit=limit)
-    train, evaluation = split_data(dataset, eval_size=min(eval_size, len(dataset) - 1), seed=seed)
+    dataset = tokenize(source, pair.tokenizer, max_length=pair.max_length or 1024, limit=limit, template=template,
+                       truncate=truncate)
+    train, evaluation = split_data(dataset, eval_size=eval_split_size(eval_size, len(dataset)), seed=seed)
     trainer = DistillTrainer(model=pair.student, teacher=pair.teacher, args=args, train_dataset=train,
                              eval_dataset=evaluation, processing_class=pair.tokenizer, vocab_size=pair.vocab_size,
                              callbacks=callbacks)
@@ -394,7 +389,8 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
     after = trainer.score(evaluation)
     settings = {"loss_params": trainer.kd.params, "ce_weight": args.ce_weight, "batch_size": batch_size,
                 "learning_rate": learning_rate, "seed": seed, "train_examples": len(train),
-                "eval_examples": len(evaluation), "data": dataset.description, "fused_linear": trainer.use_linear}
+                "eval_examples": len(evaluation), "data": dataset.description, "template": dataset.template,
+                "fused_linear": trainer.use_linear}
     if loss == "okd":
         settings.update(okd_base=args.okd_base, okd_rank=args.okd_rank, okd_pull=args.okd_pull,
                         adapter_parameters=sum(p.numel() for p in trainer.adapter.parameters()))
@@ -402,6 +398,7 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
                            seconds, settings, str(out_dir) if out_dir else None)
     if out_dir:
         pair.student.eval()
-        trainer.save_model(str(out_dir))
-        result.save(Path(out_dir) / "metrics.json")
+        with staged_folder(out_dir, what="output folder") as stage:
+            trainer.save_model(str(stage))
+            result.save(stage / "metrics.json")
     return result

@@ -103,6 +103,7 @@ def test_cache_hit_skips_the_models(tmp_path, pair, monkeypatch):
         raise AssertionError("the models ran although the result was cached")
 
     monkeypatch.setattr(type(pair), "logits", fail)
+    monkeypatch.setattr(type(pair), "hidden", fail)
     again = analyze(pair, RECORDS[:3], cache_dir=tmp_path, progress=False)
     assert again.df.equals(first.df)
     with pytest.raises(AssertionError, match="models ran"):
