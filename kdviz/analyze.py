@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from kdviz import distributed
 from kdviz.data import IGNORE_INDEX, TokenDataset, check_template, collate, load_data, pad_id
 from kdviz.decompose import SCALAR_FIELDS, check_count, check_temperature, decompose, decompose_hidden
-from kdviz.files import check_writable, expand, move_aside, warn, write_with
+from kdviz.files import cache_root, check_writable, expand, move_aside, warn, write_with
 from kdviz.models import ModelPair, output_head
 
 SPLITS = ("sequence", "batch", "dataset")
@@ -48,11 +48,6 @@ META_KEY = "kdviz"
 def visible(text: str) -> str:
     """A token's text with whitespace made visible (space ·, newline ↵, tab →)."""
     return text.translate(VISIBLE_WHITESPACE)
-
-
-def cache_root() -> Path:
-    """``$KDVIZ_CACHE_DIR`` or ``~/.cache/kdviz``."""
-    return expand(os.environ.get("KDVIZ_CACHE_DIR") or Path.home() / ".cache" / "kdviz")
 
 
 @dataclass

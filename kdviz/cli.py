@@ -106,9 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(distill)
     distill.add_argument("--device", default=None, help="cpu or cuda")
 
-    zoo = commands.add_parser("zoo", help="the embedded model zoo: list or rebuild it")
+    zoo = commands.add_parser("zoo", help="the model zoo: list it, fetch the real models, or rebuild it")
     zoo_commands = zoo.add_subparsers(dest="zoo_command", metavar="ZOO_COMMAND")
-    zoo_commands.add_parser("list", help="the zoo's models with sizes and held-out losses")
+    zoo_commands.add_parser("list", help="the zoo's models: what each is, where it came from, licence and size")
+    fetch = zoo_commands.add_parser("fetch", help="convert the real pretrained models (zoo:smollm2-135m) once, offline")
+    fetch.add_argument("names", nargs="*", help="models to fetch (default: all fetchable)")
+    fetch.add_argument("--force", action="store_true", help="convert again even if already fetched")
     build = zoo_commands.add_parser("build", help="train the tokenizer and the model ladder from scratch")
     build.add_argument("--out", default=None, help="output folder (default: the shipped data/zoo)")
     build.add_argument("--tiny", action="store_true", help="a micro zoo in under two minutes (for tests)")
@@ -228,11 +231,29 @@ def run_zoo(args) -> None:
     if args.zoo_command == "build":
         manifests = zoo.build(args.out, tiny=args.tiny, names=args.only, device=args.device)
         for m in manifests.values():
-            print(f"{m.name:<16}{m.parameters:>12,} params  held-out loss {m.heldout_loss:.3f}  ({m.train_seconds:.0f} s)")
+            print(f"{m['name']:<22}{m['parameters']:>12,} params  held-out loss {m['heldout_loss']:.3f}  "
+                  f"({m['train_seconds']:.0f} s)")
+        return
+    if args.zoo_command == "fetch":
+        for name in args.names or list(zoo.FETCHABLE):
+            m = zoo.fetch(name, force=args.force)
+            print(f"{m['name']}: {m['parameters']:,} parameters, {m['size_bytes'] / 1e6:.0f} MB in "
+                  f"{zoo.fetched_dir() / m['name'].removeprefix(zoo.PREFIX)} (licence {m['licence']})")
         return
     for name in zoo.names():
-        m = zoo.manifest(name)
-        print(f"{name:<16}{m['parameters']:>12,} params  {m['tokens_seen']:>10,} tokens  held-out loss {m['heldout_loss']:.3f}")
+        print(_zoo_line(zoo.manifest(name)))
+
+
+def _zoo_line(m: dict) -> str:
+    """One model of `kdviz zoo list`: what it is, where it came from, licence and size."""
+    if m.get("fetched") is False:
+        return (f"{m['name']:<22}{'not fetched':>14}  {m['description']}\n{'':24}from {m['source']}; licence "
+                f"{m['licence']}. Get it: `{m['install']}`, then `kdviz zoo fetch`.")
+    size = f"{m['size_bytes'] / 1e6:.0f} MB" if "size_bytes" in m else ""
+    about = m.get("description") or "GPT-2 trained by kdviz on the standard library's source"
+    loss = f"  held-out loss {m['heldout_loss']:.3f}" if "heldout_loss" in m else ""
+    source = f"\n{'':24}from {m['source']}; licence {m.get('licence', 'Apache-2.0')}; {size}" if "source" in m else ""
+    return f"{m['name']:<22}{m['parameters']:>14,} params{loss}  {about}{source}"
 
 
 def _raise_interrupt(signum, frame):

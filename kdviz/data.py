@@ -289,7 +289,7 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
 def _read_path(path: Path, *, limit: int | None, fields: Fields) -> Source:
     if not path.exists():
         raise ValueError(f"Data path {path} does not exist (looked for {path.resolve()}). Give an existing file or "
-                         "folder, a zoo dataset (zoo:code, zoo:docstrings), or, from Python, a list of texts.")
+                         f"folder, a zoo dataset ({', '.join(ZOO_DATASETS)}), or, from Python, a list of texts.")
     record_files, text_files = _folder_files(path) if path.is_dir() else (
         ([path], []) if path.suffix in RECORD_SUFFIXES else ([], [path]))
     if text_files:
@@ -499,39 +499,47 @@ def docstring_pairs(texts: list[str], names: list[str]) -> list[dict]:
     return pairs
 
 
-ZOO_DATASETS = ("zoo:code", "zoo:docstrings")
+ZOO_DATASETS = ("zoo:code", "zoo:docstrings", "zoo:topics")
 
 
 def zoo_dataset(name: str, tokenizer, *, max_length: int, template: str = "auto", limit: int | None = None
                 ) -> TokenDataset:
-    """`zoo:code` (held-out stdlib source windows) or `zoo:docstrings` (held-out function pairs).
+    """Held-out data every Python installation has, read at run time.
 
-    zoo:docstrings keeps the pairs that fit the context; without a chat template its "auto"
-    template is plain (code completion, as the zoo models were trained).
+    `zoo:code`: windows of held-out stdlib source. `zoo:docstrings`: held-out functions as
+    signature + docstring -> body (code completion; without a chat template its "auto"
+    template is plain, as the zoo models were trained). `zoo:topics`: held-out topics of the
+    Python reference (`pydoc_data`) as "Explain <title> in Python." -> its first paragraphs
+    (instructions). The pair datasets keep the pairs that fit the context.
     """
     from kdviz.corpus import Corpus
 
     if name not in ZOO_DATASETS:
         raise ValueError(f"Unknown zoo dataset {name!r}; available: {', '.join(ZOO_DATASETS)}.")
-    corpus = Corpus.from_stdlib()
-    files = corpus.heldout
-    texts = corpus.texts("heldout")
-    if name == "zoo:code":
-        return from_texts(texts, tokenizer, max_length=max_length, names=files, limit=limit)
-    template = resolve_template(template, tokenizer, instruction=False)
+    if name == "zoo:topics":
+        from kdviz.smollm2 import topic_pairs
+
+        pairs, instruction, description = topic_pairs(heldout=True), True, "held-out Python reference topics"
+    else:
+        corpus = Corpus.from_stdlib()
+        texts = corpus.texts("heldout")
+        if name == "zoo:code":
+            return from_texts(texts, tokenizer, max_length=max_length, names=corpus.heldout, limit=limit)
+        pairs, instruction, description = docstring_pairs(texts, corpus.heldout), False, "held-out stdlib"
+    template = resolve_template(template, tokenizer, instruction=instruction)
     examples = []
-    for pair in docstring_pairs(texts, files):
+    for pair in pairs:
         if limit is not None and len(examples) >= limit:
             break
-        record = Record(pair["prompt"], pair["response"], "", pair["source"])
+        record = Record(pair["prompt"], pair["response"], "", pair["source"], instruction)
         prompt, response, eos = format_record(record, template, tokenizer)
         try:
             examples.append(_pair_example(tokenizer, prompt, response, max_length=max_length, where=record.where,
                                           truncate=False, eos=eos))
-        except ValueError:  # longer than the context: this dataset keeps the pairs that fit
+        except ValueError:  # longer than the context: these datasets keep the pairs that fit
             continue
-    return TokenDataset(_nonempty(examples, name), f"{len(examples)} docstring pairs from held-out stdlib",
-                        template=template)
+    kind = "docstring pairs" if name == "zoo:docstrings" else "topic pairs"
+    return TokenDataset(_nonempty(examples, name), f"{len(examples)} {kind} from {description}", template=template)
 
 
 def tokenize(source: Source, tokenizer, *, max_length: int, limit: int | None = None, template: str = "auto",

@@ -55,6 +55,11 @@ def expand(path: str | os.PathLike) -> Path:
     return Path(os.path.expanduser(os.fspath(path)))
 
 
+def cache_root() -> Path:
+    """``$KDVIZ_CACHE_DIR`` or ``~/.cache/kdviz``: analysis results, converted models."""
+    return expand(os.environ.get("KDVIZ_CACHE_DIR") or Path.home() / ".cache" / "kdviz")
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, what: str = "file") -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it onto `path`, else remove it.
@@ -142,6 +147,33 @@ def move_aside(path: Path, reason: str) -> Path | None:
     return aside
 
 
+MOVED_LAST = ("metrics.json", "manifest.json")  # a folder with these is complete
+
+
+@contextmanager
+def new_folder(out: str | os.PathLike, *, what: str = "folder") -> Iterator[Path]:
+    """Yield a temporary sibling of `out` to fill; on success rename it to `out` (one atomic step).
+
+    If `out` appeared meanwhile (another process made it), that one is kept and ours dropped.
+    """
+    out = expand(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = out.with_name(f"{out.name}{TEMP_MARK}{uuid.uuid4().hex[:8]}")
+    try:
+        stage.mkdir()
+        yield stage
+        try:
+            os.rename(stage, out)
+        except OSError:
+            if not out.is_dir():
+                raise
+    except WRITE_ERRORS as err:
+        raise ValueError(f"Could not write the {what} {out}: {_reason(err)}. Free some space or choose another "
+                         "folder.") from err
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 @contextmanager
 def staged_folder(out: str | os.PathLike, *, what: str = "folder") -> Iterator[Path]:
     """Yield an empty staging folder inside `out`; on success move each file it holds into `out`.
@@ -154,7 +186,7 @@ def staged_folder(out: str | os.PathLike, *, what: str = "folder") -> Iterator[P
     try:
         stage.mkdir(parents=True)
         yield stage
-        for file in sorted(p for p in stage.rglob("*") if p.is_file()):
+        for file in sorted((p for p in stage.rglob("*") if p.is_file()), key=lambda p: (p.name in MOVED_LAST, p)):
             target = out / file.relative_to(stage)
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(file, target)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
+import sys
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -15,7 +17,7 @@ import torch
 from torch import Tensor
 
 from kdviz import zoo
-from kdviz.files import expand
+from kdviz.files import cache_root, expand, new_folder
 
 # Texts both tokenizers must map to the same ids (code, prose, whitespace, non-ASCII).
 PROBE_TEXTS = (
@@ -86,15 +88,67 @@ def _hub_source(name: str) -> dict:
 
 
 def _model_folder(path: Path) -> Path:
-    """`path` checked to be a model: a folder with config.json (ValueError saying what it holds instead)."""
+    """`path` checked to be a model: a folder with config.json, or a .gguf file / a folder holding one
+    (converted once to a plain safetensors copy in the cache). ValueError saying what it is instead."""
     if path.is_file():
+        if path.suffix == ".gguf":
+            return gguf_folder(path)
         raise ValueError(f"Model path {path} is a file; give the folder that holds config.json and the weights "
-                         "(saved with save_pretrained).")
+                         "(saved with save_pretrained), or a .gguf file.")
     if not (path / "config.json").is_file():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return gguf_folder(ggufs[0])
+        if ggufs:
+            raise ValueError(f"Folder {path} holds {len(ggufs)} GGUF files ({', '.join(p.name for p in ggufs)}); give "
+                             "the one to load as the model path.")
         held = sorted(p.name for p in path.iterdir())[:8]
         raise ValueError(f"Folder {path} is not a model: it has no config.json (it holds {held or 'nothing'}). "
-                         "Give a folder saved with save_pretrained, a hub id, or a zoo name.")
+                         "Give a folder saved with save_pretrained, a .gguf file, a hub id, or a zoo name.")
     return path
+
+
+def gguf_folder(path: Path, *, force: bool = False) -> Path:
+    """The plain safetensors copy of GGUF model `path`, converted on first use into the cache."""
+    import xxhash
+
+    digest = xxhash.xxh3_64()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    folder = cache_root() / "gguf" / f"{path.stem}-{digest.hexdigest()}"
+    if force and folder.exists():
+        shutil.rmtree(folder)
+    if not (folder / "config.json").is_file():
+        with new_folder(folder, what="converted model folder") as stage:
+            convert_gguf(path, stage)
+    return folder
+
+
+def convert_gguf(path: Path, out: Path) -> Path:
+    """Dequantise GGUF model `path` (any architecture transformers reads from GGUF) into a plain fp32
+    Hugging Face folder `out` (safetensors + tokenizer with its chat template)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"kdviz: converting {path.name} from GGUF to safetensors (once; about 20 s per 100M "
+          "parameters on 2 cores)", file=sys.stderr)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    except Exception as err:  # transformers raises ValueError, KeyError, RuntimeError... for unsupported files
+        raise ValueError(
+            f"Could not read {path} as a GGUF model: {type(err).__name__}: {str(err).strip().splitlines()[0][:300]}. "
+            "transformers reads GGUF files of the architectures it supports (llama, mistral, qwen2, gemma, "
+            "gpt2, phi3, ...); check the file is complete, or convert it to a Hugging Face folder."
+        ) from err
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantised: a plain model that saves and trains
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(quantized.state_dict())
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 def _load_one(name_or_path, *, device: str, dtype: torch.dtype, trust_remote_code: bool):

