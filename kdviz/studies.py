@@ -5,30 +5,54 @@ Notebooks 02 and 04 call these; each returns a polars DataFrame that the noteboo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import polars as pl
 
 from kdviz import zoo
 
 
-def ladder_summary(teachers: list[str], student: str, data, *, limit: int | None = None, k: float = 0.5,
-                   device: str | None = None) -> pl.DataFrame:
-    """One row per (teacher, group): the analysis summary of each teacher against the same student.
+@dataclass
+class PairComparison:
+    """The paper's analyses for several teacher/student pairs on the same data.
 
-    The `dkd_weight` column is mean(u * DKD) / mean(DKD): how much of DKD plain KD keeps.
+    `summary`: one row per (pair, group) with the analysis summary (`dkd_weight` is
+    mean(u * DKD) / mean(DKD): how much of DKD plain KD keeps). `tokens`: one row per target
+    token (pair, unc, tkd, dkd, kl, hard) for distributions.
     """
+
+    summary: pl.DataFrame
+    tokens: pl.DataFrame
+
+
+def compare_pairs(pairs: list[tuple[str, str]], data, *, limit: int | None = None, k: float = 0.5,
+                  template: str = "auto", device: str | None = None) -> PairComparison:
+    """Analyse each (teacher, student) pair on `data` (same data, same k) and put the results side by side."""
     from kdviz import analyze, load_pair
 
-    frames = []
-    for teacher in teachers:
-        table = analyze(load_pair(teacher, student, device=device), data, k=k, limit=limit, progress=False)
-        frames.append(table.summary().table.with_columns(teacher=pl.lit(teacher),
-                                                         teacher_params=pl.lit(_parameters(teacher))))
-    return pl.concat(frames).select("teacher", "teacher_params", pl.exclude("teacher", "teacher_params"))
+    summaries, tokens = [], []
+    for teacher, student in pairs:
+        table = analyze(load_pair(teacher, student, device=device), data, k=k, limit=limit, template=template,
+                        progress=False)
+        label = pl.lit(f"{teacher} -> {student}")
+        summaries.append(table.summary().table.with_columns(pair=label, teacher=pl.lit(teacher), student=pl.lit(student),
+                                                            teacher_params=pl.lit(_parameters(teacher)),
+                                                            template=pl.lit(table.meta.get("template"))))
+        tokens.append(table.targets.select(pair=label, teacher=pl.lit(teacher), unc="unc", tkd="tkd", dkd="dkd",
+                                           kl="kl", hard="hard"))
+    first = ["pair", "teacher", "student", "teacher_params", "template"]
+    return PairComparison(pl.concat(summaries).select(*first, pl.exclude(first)), pl.concat(tokens))
+
+
+def ladder_summary(teachers: list[str], student: str, data, *, limit: int | None = None, k: float = 0.5,
+                   device: str | None = None) -> pl.DataFrame:
+    """One row per (teacher, group): the analysis summary of each teacher against the same student."""
+    return compare_pairs([(t, student) for t in teachers], data, limit=limit, k=k, device=device).summary
 
 
 def _parameters(name: str) -> int | None:
     if isinstance(name, str) and name.startswith(zoo.PREFIX):
-        return zoo.manifest(name)["parameters"]
+        return zoo.manifest(name).get("parameters")
     return None
 
 

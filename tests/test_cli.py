@@ -50,3 +50,21 @@ def test_bad_input_exits_with_message(tmp_path, model_dirs, capsys):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "analyze" in capsys.readouterr().out
+
+
+def test_notebooks_are_copied_where_the_user_is(tmp_path, capsys):
+    out = tmp_path / "mine"
+    assert main(["notebooks", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.glob("*.ipynb"))[0] == "01_token_inspector.ipynb"
+    assert str(out.resolve()) in capsys.readouterr().out
+    assert main(["notebooks", "--out", str(out)]) == 2  # never over the user's notebooks
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_demo_hint_points_to_a_notebook_that_exists_from_any_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--teacher", "zoo:teacher-s", "--student", "zoo:student", "--limit", "2", "--device",
+                 "cpu"]) == 0
+    hint = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Explore:")][0]
+    path = hint.split("jupyter lab ")[1].split()[0]
+    assert path.endswith("01_token_inspector.ipynb") and (tmp_path / path).is_file()  # absolute, or here

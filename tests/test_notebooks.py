@@ -54,10 +54,14 @@ def test_token_inspector_notebook(tmp_path):
 
 def test_teaching_modes_notebook(tmp_path):
     out, _ = run("02_teaching_modes", tmp_path)
-    ladder = pl.read_parquet(out / "ladder.parquet")
-    assert set(ladder["teacher"]) == {"zoo:teacher-s", "zoo:teacher-l"}
-    assert set(ladder["group"]) == {"hard", "easy", "all"}
-    assert ladder.filter(pl.col("group") == "all")["dkd_weight"].is_between(0, 1).all()
+    pairs = pl.read_parquet(out / "pairs.parquet")
+    assert set(pairs["teacher"]) == {"zoo:teacher-s", "zoo:teacher-l", "zoo:smollm2-135m"}
+    assert set(pairs["group"]) == {"hard", "easy", "all"}
+    assert pairs.filter(pl.col("group") == "all")["dkd_weight"].is_between(0, 1).all()
+    every = pairs.filter(pl.col("group") == "all")
+    assert every.filter(pl.col("teacher") == "zoo:smollm2-135m")["template"][0] == "chat"
+    tokens = pl.read_parquet(out / "tokens.parquet")
+    assert tokens.group_by("pair").len()["len"].sort().to_list() == every["tokens"].sort().to_list()
 
 
 def test_distill_notebook(tmp_path):
