@@ -34,7 +34,8 @@ from kdviz import distributed
 from kdviz.data import IGNORE_INDEX, TokenDataset, check_template, collate, load_data, pad_id
 from kdviz.decompose import SCALAR_FIELDS, check_count, check_temperature, decompose, decompose_hidden
 from kdviz.files import cache_root, check_writable, expand, move_aside, warn, write_with
-from kdviz.models import ModelPair, output_head
+from kdviz.models import ModelPair, last_hidden, output_head
+from kdviz.teacher_cache import CachedPair, decompose_cached
 
 SPLITS = ("sequence", "batch", "dataset")
 VISIBLE_WHITESPACE = str.maketrans({" ": "·", "\n": "↵", "\t": "→", "\r": "␍"})
@@ -246,7 +247,14 @@ def _batch_frame(pair: ModelPair, examples, doc_ids: list[int], s: _Settings) ->
     real = (batch.attention_mask[:, :-1] * batch.attention_mask[:, 1:]).bool()  # (B, L-1)
     targets = torch.where(real, batch.input_ids[:, 1:], IGNORE_INDEX)
     options = dict(temperature=s.temperature, top_k=s.top_k)
-    if pair.linear_heads:  # logits are made chunk by chunk inside decompose: no [B, L, V] tensor
+    if isinstance(pair, CachedPair):  # the teacher from disk: its target tokens only
+        targets = torch.where(batch.labels[:, 1:] != IGNORE_INDEX, batch.input_ids[:, 1:], IGNORE_INDEX)
+        with torch.inference_mode():
+            s_hidden = last_hidden(pair.student, ids, mask)
+        head, bias = output_head(pair.student, pair.vocab_size)
+        stats = decompose_cached(pair.cache.rows(doc_ids), s_hidden[:, :-1], head, targets.to(device),
+                                 student_bias=bias, top_k=s.top_k)
+    elif pair.linear_heads:  # logits are made chunk by chunk inside decompose: no [B, L, V] tensor
         t_hidden, s_hidden = pair.hidden(ids, mask)
         (t_head, t_bias), (s_head, s_bias) = (output_head(m, pair.vocab_size) for m in (pair.teacher, pair.student))
         stats = decompose_hidden(t_hidden[:, :-1], t_head, s_hidden[:, :-1], s_head, targets.to(device),
@@ -265,6 +273,8 @@ def _batch_frame(pair: ModelPair, examples, doc_ids: list[int], s: _Settings) ->
         if name != "valid":
             columns[name] = tensor.cpu()[b_idx, t_idx].numpy()
     df = pl.DataFrame(columns)
+    if isinstance(pair, CachedPair) and "t_rank" in df.columns:  # outside the cached top-k: unknown
+        df = df.with_columns(t_rank=pl.when(pl.col("t_rank") > 0).then(pl.col("t_rank")))
     lists = [c for c in df.columns if c.endswith(("_topk_ids", "_topk_probs"))]
     return df.with_columns(pl.col(c).cast(pl.List(df.schema[c].inner)) for c in lists)
 
@@ -374,7 +384,7 @@ def check_options(*, k, split, batch_size, batch_tokens, top_k, temperature, tem
 
 
 def analyze(
-    pair: ModelPair,
+    pair: ModelPair | CachedPair,
     data,
     *,
     k: float = 0.5,
@@ -398,7 +408,8 @@ def analyze(
     """Run teacher and student over `data` and return a `TokenTable`, one row per predicted token.
 
     Args:
-        pair: from `kdviz.load_pair`.
+        pair: from `kdviz.load_pair`, or `kdviz.teacher_cache.load_cached_pair` to read the teacher from a
+            top-k cache (rows for the target tokens only; u and TKD exact, DKD and KL lower bounds).
         data: anything `kdviz.data.load_data` reads (zoo:code, a .jsonl file, texts, ...).
         k: fraction of target tokens marked hard (highest teacher uncertainty).
         split: where the hard/easy threshold is computed: per "sequence", per "batch" of
@@ -428,6 +439,9 @@ def analyze(
     here = distributed.init(pair.device)
     max_length = max_length or pair.max_length or DEFAULT_MAX_LENGTH
     dataset = load_data(data, pair.tokenizer, max_length=max_length, limit=limit, template=template, **fields)
+    if isinstance(pair, CachedPair):
+        pair.cache.check(dataset, pair.tokenizer, temperature=temperature)
+        top_k = min(top_k, pair.cache.top_k)  # the teacher's top-k columns cannot hold more than the cache
     s = _Settings(top_k, float(temperature), padding_side, batch_size, batch_tokens)
     part_key = _key(pair.fingerprint, dataset.fingerprint, top_k, float(temperature), TABLE_FORMAT)
     settings = {"k": k, "split": split, "top_k": top_k, "temperature": temperature,

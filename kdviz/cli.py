@@ -34,8 +34,12 @@ Records are formatted with --template (auto: the tokenizer's chat template if it
 """
 
 
-def _add_pair_options(parser: argparse.ArgumentParser, *, student_help: str) -> None:
-    parser.add_argument("--teacher", required=True, help="teacher model: hub id, local folder or zoo:NAME")
+def _add_pair_options(parser: argparse.ArgumentParser, *, student_help: str, cache: bool = False) -> None:
+    parser.add_argument("--teacher", required=not cache, help="teacher model: hub id, local folder, .gguf or zoo:NAME")
+    if cache:
+        parser.add_argument("--teacher-cache", default=None, metavar="DIR",
+                            help="read the teacher from a top-k cache made by `kdviz teacher-cache` instead of "
+                                 "running it (give --teacher or this)")
     parser.add_argument("--student", required=True, help=student_help)
     parser.add_argument("--data", required=True,
                         help="zoo:code, zoo:docstrings, a .jsonl/.json/.parquet file of records, or a text file/folder")
@@ -81,11 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     analyze = commands.add_parser("analyze", help="per-token uncertainty and TKD/DKD of a teacher/student pair",
                                   epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_pair_options(analyze, student_help="student model (same tokenizer as the teacher)")
+    _add_pair_options(analyze, student_help="student model (same tokenizer as the teacher)", cache=True)
     analyze.add_argument("--out", required=True, help="where to write the token table (.parquet)")
     analyze.add_argument("--report", default=None, help="also write an offline HTML report here (.html)")
     _add_data_options(analyze)
     _add_analysis_options(analyze)
+
+    cache = commands.add_parser("teacher-cache", help="run the teacher once and store its top-k per target token",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cache.add_argument("--teacher", required=True, help="teacher model: hub id, local folder, .gguf or zoo:NAME")
+    cache.add_argument("--data", required=True, help="the data you will distil or analyse on (same options)")
+    cache.add_argument("--student", default=None,
+                       help="the student you will use (its context can be shorter than the teacher's; recommended)")
+    cache.add_argument("--out", required=True, help="folder for the cache (written whole, then renamed into place)")
+    cache.add_argument("--top-k", type=int, default=64,
+                       help="teacher tokens kept per target token (default 64: 392 bytes per token)")
+    cache.add_argument("--temperature", type=float, default=1.0, help="teacher temperature (default 1)")
+    cache.add_argument("--device", default=None, help="cpu or cuda")
+    _add_data_options(cache)
 
     demo = commands.add_parser("demo", help="analyze the real pair (zoo:smollm2-135m -> zoo:smollm2-student) or "
                                             "the embedded zoo and write an HTML report")
@@ -153,9 +170,16 @@ def run_analyze(args) -> None:
     for path, what in ((args.out, "--out file"), (args.report, "--report file")):
         if path:
             check_writable(path, what=what)
+    if (args.teacher is None) == (args.teacher_cache is None):
+        raise ValueError("Give the teacher as --teacher MODEL or --teacher-cache DIR (one of them).")
     source = read_data(args.data, limit=args.limit, **_fields(args))  # data checked before any model loads
-    device = resolve_device(args.device)
-    pair = load_pair(args.teacher, args.student, device=distributed.local_device(device))
+    device = distributed.local_device(resolve_device(args.device))
+    if args.teacher_cache:
+        from kdviz.teacher_cache import load_cached_pair
+
+        pair = load_cached_pair(args.teacher_cache, args.student, device=device)
+    else:
+        pair = load_pair(args.teacher, args.student, device=device)
     table = analyze(pair, source, k=args.k, split=args.split, batch_size=args.batch_size,
                     batch_tokens=args.batch_tokens, top_k=args.top_k, temperature=args.temperature, limit=args.limit,
                     template=args.template, truncate=args.truncate, cache=not args.no_cache, out=args.out,
@@ -163,6 +187,9 @@ def run_analyze(args) -> None:
     if not distributed.world().is_main:
         return
     print(table.summary())
+    if args.teacher_cache:
+        print(f"\nThe teacher was read from a top-{pair.cache.top_k} cache: u and TKD are exact; DKD and KL use the "
+              "top-k plus one tail bucket, a lower bound of the true values. Rows are the target tokens only.")
     print(f"\nToken table ({len(table):,} rows): {args.out}")
     if args.report:
         from kdviz.report import write_report
@@ -196,6 +223,36 @@ def notebooks_folder() -> Path | None:
     """The notebooks that come with kdviz (the repository's notebooks/ folder), if this install has them."""
     folder = Path(__file__).resolve().parents[1] / "notebooks"
     return folder if folder.is_dir() else None
+
+
+def run_teacher_cache(args) -> None:
+    from kdviz import teacher_cache
+    from kdviz.data import read_data, tokenize
+    from kdviz.decompose import check_count, check_temperature
+    from kdviz.files import check_distinct, check_writable
+    from kdviz.models import _load_one, context_length, default_dtype, model_context, resolve_device
+
+    check_count(args.top_k, "top_k", minimum=1)
+    check_temperature(args.temperature)
+    check_distinct({"--data": _data_path(args.data), "--out": args.out})
+    if Path(args.out).exists():
+        raise ValueError(f"--out {args.out} exists; give a new folder (a cache is written whole, never over another).")
+    check_writable(Path(args.out).parent, what="folder for --out", folder=True)
+    source = read_data(args.data, limit=args.limit, **_fields(args))
+    device = resolve_device(args.device)
+    teacher, tokenizer = _load_one(args.teacher, device=device, dtype=default_dtype(device), trust_remote_code=False)
+    length = context_length(teacher) or 1024
+    if args.student:
+        length = min(length, model_context(args.student) or length)
+    dataset = tokenize(source, tokenizer, max_length=length, limit=args.limit, template=args.template,
+                       truncate=args.truncate)
+    cache = teacher_cache.build(teacher.requires_grad_(False), tokenizer, dataset, args.out, top_k=args.top_k,
+                                temperature=args.temperature, teacher_name=args.teacher, max_length=length)
+    meta = cache.meta
+    print(f"Teacher cache of {args.teacher}: {meta['tokens']:,} target tokens of {meta['examples']} examples "
+          f"({meta['data_description']}, template {meta['template']}), top-{meta['top_k']}, "
+          f"{meta['bytes_per_token']:.0f} bytes per token: {Path(args.out).resolve()}")
+    print("Use it: kdviz distill --teacher-cache DIR ... or kdviz analyze --teacher-cache DIR ... (same --data options)")
 
 
 def run_demo(args) -> None:
@@ -317,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"analyze": run_analyze, "demo": run_demo, "distill": run_distill, "zoo": run_zoo,
-                "notebooks": run_notebooks}
+                "notebooks": run_notebooks, "teacher-cache": run_teacher_cache}
     if args.command not in handlers:
         parser.print_help()
         return 2

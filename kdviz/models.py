@@ -211,7 +211,21 @@ def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> int:
 
 def context_length(model) -> int | None:
     """The model's maximum sequence length from its config, or None if it does not say."""
-    config = model.config
+    return config_context(model.config)
+
+
+def model_context(name_or_path: str) -> int | None:
+    """The context of a model given by name (zoo, folder, .gguf, hub id) from its config alone."""
+    from transformers import AutoConfig
+
+    if str(name_or_path).startswith(zoo.PREFIX):
+        return config_context(AutoConfig.from_pretrained(zoo._model_dir(str(name_or_path))))
+    path = expand(name_or_path)
+    return config_context(AutoConfig.from_pretrained(_model_folder(path) if path.exists() else str(name_or_path)))
+
+
+def config_context(config) -> int | None:
+    """The maximum sequence length a config states, or None."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:

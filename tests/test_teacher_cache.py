@@ -1,0 +1,128 @@
+"""The teacher top-k cache: what it stores, what is exact from it, and what it refuses."""
+
+import json
+
+import polars as pl
+import pytest
+import torch
+
+from kdviz import analyze
+from kdviz.cli import main
+from kdviz.data import load_data
+from kdviz.decompose import SCALAR_FIELDS
+from kdviz.teacher_cache import TeacherCache, bucketed, build, load_cached_pair
+
+RECORDS = [{"instruction": f"Say {i}", "input": "", "output": "the student learns " * (1 + i % 3)}
+           for i in range(8)]
+
+
+@pytest.fixture(scope="module")
+def data(pair):
+    return load_data(RECORDS, pair.tokenizer, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def caches(pair, data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("caches")
+    return {k: build(pair.teacher, pair.tokenizer, data, root / f"k{k}", top_k=k, teacher_name="tiny",
+                     max_length=64, progress=False) for k in (len(pair.tokenizer), 16, 4)}
+
+
+def test_the_cache_stores_each_target_tokens_top_k_and_target_log_prob(pair, data, caches):
+    cache = caches[16]
+    example = data[3]
+    ids = torch.tensor([example.input_ids])
+    log_p = torch.log_softmax(pair.logits(ids, torch.ones_like(ids))[0][0].double(), -1)  # (L, V)
+    positions = [p for p in range(len(ids[0]) - 1) if example.labels[p + 1] != -100]
+    rows = cache.rows([3])
+    top = log_p[positions].topk(16, dim=1)
+    assert torch.equal(rows.ids, top.indices)
+    torch.testing.assert_close(rows.logprobs.double(), top.values, rtol=1e-5, atol=1e-5)
+    targets = torch.tensor([example.input_ids[p + 1] for p in positions])
+    torch.testing.assert_close(rows.target_logp.double(), log_p[positions, targets], rtol=1e-5, atol=1e-5)
+    assert cache.meta["tokens"] == data.n_targets and cache.meta["template"] == data.template
+
+
+def test_bytes_per_token_at_k_64_is_under_400(pair, data, tmp_path):
+    cache = build(pair.teacher, pair.tokenizer, data, tmp_path / "k64", top_k=64, progress=False)
+    assert cache.bytes_per_token == 2 * 64 + 4 * 64 + 4 + 4 == 392
+
+
+def live_targets(pair, data):
+    return analyze(pair, data, cache=False, progress=False).df.filter(pl.col("is_response"))
+
+
+def test_with_k_equal_to_the_vocabulary_every_quantity_is_exact(pair, data, caches):
+    cached = analyze(load_cached_pair(caches[len(pair.tokenizer)].folder, pair.student_name, device="cpu"), data,
+                     cache=False, progress=False).df
+    live = live_targets(pair, data)
+    assert cached["token_id"].to_list() == live["token_id"].to_list()
+    for name in SCALAR_FIELDS:
+        torch.testing.assert_close(cached[name].to_torch(), live[name].to_torch(), rtol=1e-4, atol=1e-5)
+    assert cached["hard"].to_list() == live["hard"].to_list()
+
+
+@pytest.mark.parametrize("k", [16, 4])
+def test_u_and_tkd_are_exact_and_kl_dkd_are_lower_bounds_at_any_k(pair, data, caches, k):
+    cached = analyze(load_cached_pair(caches[k].folder, pair.student_name, device="cpu"), data, cache=False,
+                     progress=False).df
+    live = live_targets(pair, data)
+    for name in ("unc", "tkd", "t_logp", "s_logp", "s_entropy"):
+        torch.testing.assert_close(cached[name].to_torch(), live[name].to_torch(), rtol=1e-4, atol=1e-5)
+    for name in ("kl", "dkd", "rkl"):
+        assert (cached[name] <= live[name] + 1e-4).all(), name
+    assert (cached["kl"] < live["kl"] - 1e-3).any()  # a small k does lose something
+    outside = cached.filter(pl.col("t_rank").is_null())
+    assert (live.filter(pl.col("t_rank") > k)["t_rank"].len() == outside.height)  # ranks past the top-k are unknown
+
+
+def test_bucketed_distributions_sum_to_one_and_keep_gradients_finite():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 30, requires_grad=True)
+    log_p = torch.log_softmax(torch.randn(5, 30) * 2, -1)
+    y = torch.tensor([0, 5, 9, 29, 3])
+    for k in (1, 7, 30):
+        log_q = torch.log_softmax(logits, -1)
+        top = log_p.topk(k, dim=1)
+        p_b, q_b = bucketed(log_q, top.indices, top.values, log_p.gather(1, y[:, None])[:, 0], y)
+        torch.testing.assert_close(p_b.exp().sum(1), torch.ones(5), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(q_b.exp().sum(1), torch.ones(5), rtol=1e-5, atol=1e-5)
+        kl = torch.where(p_b > float("-inf"), p_b.exp() * (p_b - q_b), 0.0).sum()
+        (grad,) = torch.autograd.grad(kl, logits)
+        assert torch.isfinite(grad).all()
+
+
+def test_a_cache_that_does_not_match_is_refused_with_the_reason(pair, data, caches, tokenizer, tmp_path):
+    cached = load_cached_pair(caches[16].folder, pair.student_name, device="cpu")
+    with pytest.raises(ValueError, match="holds other data: 8 examples .* this data is 5 examples"):
+        analyze(cached, RECORDS[:5], cache=False, progress=False)
+    with pytest.raises(ValueError, match="holds other data: .*with template 'alpaca' \\(this data: 'plain'\\)"):
+        analyze(cached, RECORDS, template="plain", cache=False, progress=False)
+    with pytest.raises(ValueError, match="at temperature 1.0, not 2.0"):
+        analyze(cached, RECORDS, temperature=2.0, cache=False, progress=False)
+    other = tokenizer.__class__.from_pretrained(pair.student_name)
+    other.add_tokens(["<extra>"])
+    with pytest.raises(ValueError, match="another tokenizer"):
+        caches[16].check(data, other)
+    (tmp_path / "meta.json").write_text(json.dumps(caches[16].meta))
+    with pytest.raises(ValueError, match="damaged"):
+        TeacherCache.open(tmp_path)
+
+
+def test_the_cli_makes_a_cache_and_analyses_from_it(model_dirs, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    cache = tmp_path / "cache"
+    assert main(["teacher-cache", "--teacher", str(model_dirs["teacher"]), "--student", str(model_dirs["student"]),
+                 "--data", str(data), "--out", str(cache), "--top-k", "8", "--device", "cpu"]) == 0
+    assert "bytes per token" in capsys.readouterr().out
+    assert main(["teacher-cache", "--teacher", str(model_dirs["teacher"]), "--data", str(data), "--out", str(cache),
+                 "--device", "cpu"]) == 2  # never over an existing cache
+    out = tmp_path / "t.parquet"
+    assert main(["analyze", "--teacher-cache", str(cache), "--student", str(model_dirs["student"]), "--data",
+                 str(data), "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "top-8 cache: u and TKD are exact" in printed
+    assert pl.read_parquet(out)["is_response"].all()
+    assert main(["analyze", "--student", str(model_dirs["student"]), "--data", str(data), "--out", str(out)]) == 2
+    assert "--teacher MODEL or --teacher-cache DIR" in capsys.readouterr().err
