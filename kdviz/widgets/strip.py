@@ -1,46 +1,145 @@
-"""A strip of coloured tokens that reports clicks and hovers back to Python (an anywidget)."""
+"""A strip of coloured tokens laid out as the text is, reporting clicks and hovers to Python (an anywidget).
+
+Python decides every colour (`token["style"]`); the front end only lays tokens out, marks the
+pinned and highlighted ones and reports the mouse. A newline anywhere inside a token (shown as
+↵) breaks the line right there, so `↵···` starts a new line indented by three spaces; long
+lines wrap between tokens (and inside a token only when one alone is wider than the box).
+"""
 
 from __future__ import annotations
+
+import html
+import json
 
 import anywidget
 import traitlets
 
+NEWLINE = "↵"
+BOX_CSS = ("position: relative; box-sizing: border-box; max-width: 100%; max-height: 420px; overflow-y: auto;"
+           " overflow-x: hidden; padding: 6px 8px; background: #ffffff; color: #111111; font-family: monospace;"
+           " line-height: 2; white-space: pre-wrap; overflow-wrap: anywhere; border: 1px solid #d0d0d0;")
+PREVIEW_CSS = ("box-sizing: border-box; height: 1.9em; line-height: 1.9em; padding: 0 8px; overflow: hidden;"
+               " white-space: nowrap; text-overflow: ellipsis; font-family: monospace; background: #f4f4f4;"
+               " color: #111111;")
+PINNED_CSS = "outline: 3px solid #111111; outline-offset: 1px;"
+HIGHLIGHT_CSS = "outline: 2px dashed #1e3a8a; outline-offset: 0;"
+PREVIEW_HINT = "hover a token for a quick look; click it to pin its details below"
+
 _ESM = """
+const STYLE = __STYLE__;
+const NEWLINE = "\\u21b5";
+
+function tokenSpan(token, index) {
+  const span = document.createElement("span");
+  span.dataset.index = String(index);
+  span.title = token.title;
+  span.style.cssText = token.style;
+  token.text.split(NEWLINE).forEach((part, j, parts) => {
+    if (part) span.appendChild(document.createTextNode(part));
+    if (j < parts.length - 1) {
+      span.appendChild(document.createTextNode(NEWLINE));
+      span.appendChild(document.createElement("br"));
+    }
+  });
+  return span;
+}
+
 function render({ model, el }) {
-  function draw() {
-    el.innerHTML = "";
-    const wrap = document.createElement("div");
-    wrap.style.cssText = "font-family: monospace; line-height: 1.9; max-height: 420px; overflow-y: auto;";
+  const preview = document.createElement("div");
+  preview.className = "kdviz-strip-preview";
+  preview.style.cssText = STYLE.preview;
+  const box = document.createElement("div");
+  box.className = "kdviz-strip";
+  box.style.cssText = STYLE.box;
+  el.appendChild(preview);
+  el.appendChild(box);
+  let spans = [];
+
+  function describe(prefix, index) {
+    const token = model.get("tokens")[index];
+    return token ? prefix + ": " + token.text + "  \\u2014  " + token.title : STYLE.hint;
+  }
+  function showPinned() { preview.textContent = describe("pinned", model.get("selected")); }
+
+  function decorate() {
     const highlighted = new Set(model.get("highlighted"));
     const selected = model.get("selected");
-    model.get("tokens").forEach((token, i) => {
-      const span = document.createElement("span");
-      span.textContent = token.text;
-      span.title = token.title;
-      span.style.cssText = "white-space: pre; cursor: pointer; padding: 1px 0; background: " + token.color + ";";
-      if (token.dim) span.style.opacity = "0.35";
-      if (token.hard) span.style.borderBottom = "2px solid #222";
-      if (highlighted.has(i)) span.style.outline = "2px solid #d62728";
-      if (i === selected) span.style.boxShadow = "0 0 0 2px #1f77b4";
-      span.addEventListener("click", () => { model.set("selected", i); model.save_changes(); });
-      span.addEventListener("mouseenter", () => { model.set("hovered", i); model.save_changes(); });
-      wrap.appendChild(span);
-      if (token.text.endsWith("\\u21b5")) wrap.appendChild(document.createElement("br"));
+    spans.forEach((span, i) => {
+      span.dataset.mark = i === selected ? "pinned" : highlighted.has(i) ? "highlighted" : "";
+      span.style.cssText = model.get("tokens")[i].style + (STYLE[span.dataset.mark] || "");
     });
-    el.appendChild(wrap);
+    showPinned();
   }
-  for (const name of ["tokens", "highlighted", "selected"]) model.on("change:" + name, draw);
-  draw();
+  function reveal() {
+    const span = spans[model.get("selected")];
+    if (!span) return;
+    const top = span.offsetTop, bottom = top + span.offsetHeight;
+    if (top < box.scrollTop || bottom > box.scrollTop + box.clientHeight) {
+      box.scrollTop = Math.max(0, top - box.clientHeight / 3);
+    }
+  }
+  function later(fn) { (globalThis.requestAnimationFrame || ((f) => f()))(fn); }
+  function build() {
+    box.innerHTML = "";
+    spans = model.get("tokens").map((token, i) => {
+      const span = tokenSpan(token, i);
+      span.addEventListener("click", () => { model.set("selected", i); model.save_changes(); });
+      span.addEventListener("mouseenter", () => {
+        preview.textContent = describe("hover", i);
+        model.set("hovered", i);
+        model.save_changes();
+      });
+      box.appendChild(span);
+      box.appendChild(document.createElement("wbr"));
+      return span;
+    });
+    box.scrollTop = 0;
+    decorate();
+    later(reveal);
+  }
+  box.addEventListener("mouseleave", () => {
+    showPinned();
+    model.set("hovered", -1);
+    model.save_changes();
+  });
+
+  const onTokens = () => build();
+  const onSelected = () => { decorate(); later(reveal); };
+  const onHighlighted = () => decorate();
+  model.on("change:tokens", onTokens);
+  model.on("change:selected", onSelected);
+  model.on("change:highlighted", onHighlighted);
+  build();
+  return () => {
+    model.off("change:tokens", onTokens);
+    model.off("change:selected", onSelected);
+    model.off("change:highlighted", onHighlighted);
+  };
 }
 export default { render };
 """
 
 
 class TokenStrip(anywidget.AnyWidget):
-    """tokens: [{text, color, title, hard, dim}]; `selected` / `hovered` are indices set by the browser."""
+    """tokens: [{text, style, title, ...}]; `selected` (the pinned token) and `hovered` are indices.
 
-    _esm = _ESM
+    The browser sets `selected` on a click and `hovered` while the mouse is over a token (-1 off
+    the strip); Python sets `selected` and `highlighted` (outlined tokens) to point at tokens.
+    """
+
+    _esm = _ESM.replace("__STYLE__", json.dumps({"box": BOX_CSS, "preview": PREVIEW_CSS, "pinned": PINNED_CSS,
+                                                 "highlighted": HIGHLIGHT_CSS, "hint": PREVIEW_HINT}))
     tokens = traitlets.List([]).tag(sync=True)
     selected = traitlets.Int(-1).tag(sync=True)
     hovered = traitlets.Int(-1).tag(sync=True)
     highlighted = traitlets.List([]).tag(sync=True)
+
+    def static_html(self) -> str:
+        """The strip as self-contained HTML: same layout and colours, pinned and highlighted tokens marked."""
+        highlighted = set(self.highlighted)
+        spans = []
+        for i, token in enumerate(self.tokens):
+            mark = PINNED_CSS if i == self.selected else HIGHLIGHT_CSS if i in highlighted else ""
+            text = f"{NEWLINE}<br>".join(html.escape(part) for part in token["text"].split(NEWLINE))
+            spans.append(f'<span style="{token["style"]}{mark}" title="{html.escape(token["title"])}">{text}</span>')
+        return f'<div class="kdviz-strip" style="{BOX_CSS}">{"<wbr>".join(spans)}</div>'

@@ -30,10 +30,11 @@ class ToyKD:
         self.student_target = slider("student q(target)", 0.3, 0.01, 0.99)
         self.student_spread = slider("student tail spread", 3.0, 0.1, 10.0, 0.1)
         self.readout = w.HTML()
+        self.readout.add_class("kdviz-readout")
         labels = ["target"] + [f"t{i}" for i in range(1, vocab)]
         self.figure = go.FigureWidget([go.Bar(name="teacher p", x=labels), go.Bar(name="student q", x=labels)],
-                                      layout=dict(height=300, barmode="group", yaxis=dict(range=[0, 1]),
-                                                  margin=dict(t=30, l=40, r=10, b=30)))
+                                      layout=dict(height=320, barmode="group", yaxis=dict(range=[0, 1]),
+                                                  margin=dict(t=40, l=40, r=10, b=30)))
         self.sliders = [self.temperature, self.teacher_target, self.teacher_spread, self.student_target,
                         self.student_spread]
         for control in self.sliders:
@@ -44,11 +45,18 @@ class ToyKD:
         self.result = toy_kd(teacher_target=self.teacher_target.value, student_target=self.student_target.value,
                              teacher_spread=self.teacher_spread.value, student_spread=self.student_spread.value,
                              temperature=self.temperature.value, vocab=self.vocab)
-        r = self.result
+        r, t = self.result, self.temperature.value
         with self.figure.batch_update():
             self.figure.data[0].y, self.figure.data[1].y = r.p, r.q
+            self.figure.layout.title = f"teacher p and student q at temperature T = {t:.2f}"
+        note = ("T = 1: the sliders' own probabilities" if t == 1 else
+                f"T = {t:.2f} softens both; the sliders set the probabilities at T = 1")
         self.readout.value = (
-            f"<table><tr><td>u = 1 - p(target)</td><td>{r.unc:.4f}</td></tr>"
+            f"<table style='border-spacing:14px 2px'><tr><td colspan=2><b>at temperature T = {t:.2f}</b><br>"
+            f"<small>{note}</small></td></tr>"
+            f"<tr><td>teacher p(target) at T</td><td>{r.p[0]:.4f} (slider {self.teacher_target.value:.2f})</td></tr>"
+            f"<tr><td>student q(target) at T</td><td>{r.q[0]:.4f} (slider {self.student_target.value:.2f})</td></tr>"
+            f"<tr><td>u = 1 - p(target) at T</td><td>{r.unc:.4f}</td></tr>"
             f"<tr><td>TKD</td><td>{r.tkd:.4f}</td></tr><tr><td>DKD</td><td>{r.dkd:.4f}</td></tr>"
             f"<tr><td>u &middot; DKD</td><td>{r.unc * r.dkd:.4f}</td></tr>"
             f"<tr><td><b>KL(p || q)</b></td><td><b>{r.kl:.4f}</b> = {r.tkd:.4f} + {r.unc * r.dkd:.4f}</td></tr>"
