@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import math
 import os
 from pathlib import Path
 
@@ -20,13 +21,24 @@ def _groups(table: TokenTable):
     return {"hard": targets.filter(pl.col("hard")), "easy": targets.filter(~pl.col("hard"))}
 
 
-def uncertainty_histogram(table: TokenTable) -> go.Figure:
+def uncertainty_histogram(table: TokenTable, *, bins: int = 50) -> go.Figure:
+    """Both groups over shared bins of log10 p(target) = log10(1 - u), ticks labelled with u.
+
+    On a linear u axis an uncertain teacher's hard tokens all sit in the last bin (u = 0.98 ...
+    0.99999); the log axis spreads them out.
+    """
+    groups = {name: df["t_logp"] / math.log(10) for name, df in _groups(table).items()}
+    low = min((float(x.min()) for x in groups.values() if len(x)), default=-1.0)
+    size = max(-low, 1e-6) / bins
     fig = go.Figure()
-    for name, df in _groups(table).items():
-        fig.add_histogram(x=df["unc"].to_list(), name=f"{name} ({df.height})", marker_color=GROUP_COLORS[name],
-                          nbinsx=50, opacity=0.75)
-    fig.update_layout(barmode="overlay", title="Teacher uncertainty u = 1 - p(target)",
-                      xaxis_title="u", yaxis_title="tokens")
+    for name, x in groups.items():
+        fig.add_histogram(x=x.to_list(), name=f"{name} ({len(x)})", marker_color=GROUP_COLORS[name], opacity=0.75,
+                          xbins=dict(start=low, end=size / 2, size=size))
+    ticks = list(range(math.floor(low), 1))
+    fig.update_layout(barmode="overlay", title="Teacher uncertainty u = 1 - p(target), on a log scale of p(target)",
+                      xaxis=dict(title="u (axis: log10 p(target) = log10(1 - u))", tickvals=ticks,
+                                 ticktext=[f"{1 - 10.0 ** t:.{max(1, -t)}f}" for t in ticks]),
+                      yaxis_title="tokens")
     return fig
 
 
@@ -76,7 +88,8 @@ def write_report(table: TokenTable, path: str | os.PathLike) -> Path:
     title = f"kdviz: {meta.get('teacher', 'teacher')} -> {meta.get('student', 'student')}"
     body = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} pre{{background:#f6f6f6;padding:1em}}
+<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}
+pre{{background:#f6f6f6;padding:1em;white-space:pre-wrap;overflow-wrap:anywhere}}
 table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px}}</style></head>
 <body><h1>{html.escape(title)}</h1><p>Data: {html.escape(str(meta.get('data', '')))}</p>
 <pre>{html.escape(str(table.summary()))}</pre>
