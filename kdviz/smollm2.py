@@ -96,7 +96,7 @@ def _config(spec: StudentSpec, teacher_config, tokenizer):
     return LlamaConfig(vocab_size=teacher_config.vocab_size, hidden_size=spec.hidden, num_hidden_layers=spec.layers,
                        num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
                        head_dim=spec.hidden // spec.heads, intermediate_size=spec.intermediate,
-                       max_position_embeddings=2048, tie_word_embeddings=True,
+                       max_position_embeddings=teacher_config.max_position_embeddings, tie_word_embeddings=True,
                        rope_theta=getattr(teacher_config, "rope_theta", None) or 100000.0,
                        rms_norm_eps=teacher_config.rms_norm_eps, bos_token_id=tokenizer.bos_token_id,
                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -115,7 +115,7 @@ def build_student(out_dir: str | Path | None = None, *, tiny: bool = False, devi
     """Train `zoo:smollm2-student` from the teacher's tokenizer and embedding; writes it with its manifest."""
     from kdviz import zoo
     from kdviz.corpus import Corpus
-    from kdviz.files import new_folder
+    from kdviz.files import staged_folder
 
     spec = TINY_STUDENT if tiny else StudentSpec()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -151,12 +151,7 @@ def build_student(out_dir: str | Path | None = None, *, tiny: bool = False, devi
         "train_seconds": round(seconds, 1),
     }
     out = Path(out_dir) if out_dir else zoo.zoo_dir()
-    target = out / STUDENT
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    with new_folder(target, what="zoo model folder") as stage:
+    with staged_folder(out / STUDENT, what="zoo model folder") as stage:  # each file renamed into place
         model.half().save_pretrained(stage, safe_serialization=True)
         tokenizer.save_pretrained(stage)
         (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

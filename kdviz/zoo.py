@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kdviz.corpus import Corpus
+from kdviz.files import staged_folder
 
 PREFIX = "zoo:"
 EOS = "<|endoftext|>"
@@ -222,7 +223,8 @@ def build(
     heldout_texts = corpus.texts("heldout")
 
     tokenizer = train_tokenizer(train_texts, spec.vocab_size)
-    tokenizer.save_pretrained(out / "tokenizer")
+    with staged_folder(out / "tokenizer", what="zoo tokenizer folder") as stage:
+        tokenizer.save_pretrained(stage)
     train = windows(token_stream(train_texts, tokenizer), spec.context)
     heldout = windows(token_stream(heldout_texts, tokenizer), spec.context)[: spec.eval_windows]
     corpus_info = {
@@ -253,8 +255,9 @@ def build(
             environment={"torch": torch.__version__, "device": device},
             train_seconds=round(seconds, 1),
         ))
-        model.half().save_pretrained(out / name, safe_serialization=True)
-        (out / name / "manifest.json").write_text(json.dumps(manifests[name], indent=2) + "\n")
+        with staged_folder(out / name, what="zoo model folder") as stage:  # each file renamed into place
+            model.half().save_pretrained(stage, safe_serialization=True)
+            (stage / "manifest.json").write_text(json.dumps(manifests[name], indent=2) + "\n")
     return manifests
 
 
