@@ -13,12 +13,17 @@ gradient buffer plus O(chunk x V), instead of several [B, T, V] intermediates.
 `KDLoss.linear` goes further: it takes hidden states and LM-head weights and never builds the
 full logits; `KDLoss.parts` and `KDLoss.linear` return `LossParts` (KD and CE parts, each
 token's share, teacher uncertainty) for training logs.
+
+One call may see only part of a batch (a micro-batch of gradient accumulation, one process's
+share): `num_items=` (the batch's target count) and `split=` (a `TokenSplit` made over the
+whole batch) make each part's loss its exact share of the whole batch's loss, so the parts
+add up to the loss of the batch in one piece.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -147,15 +152,46 @@ def teacher_uncertainty(teacher_rows: Tensor, y: Tensor, temperature: float, chu
     return torch.cat(parts)
 
 
+@dataclass(frozen=True)
+class TokenSplit:
+    """ATKD's hard/easy split decided over a set of tokens: hard = u >= threshold; group sizes n_hard, n_easy.
+
+    `TokenSplit.over(u, k)` is the official split of the tokens u. Made over a whole batch
+    (every micro-batch and process) and passed to `KDLoss.linear`/`parts` for each part, it
+    gives every part the batch's threshold and group sizes.
+
+    >>> split = TokenSplit.over(torch.tensor([0.1, 0.9, 0.5, 0.7]), 0.5)
+    >>> split.hard(torch.tensor([0.6, 0.2])).tolist(), split.n_hard, split.n_easy
+    ([True, False], 2, 2)
+    """
+
+    threshold: float
+    n_hard: int
+    n_easy: int
+
+    @classmethod
+    def over(cls, unc: Tensor, k: float) -> "TokenSplit":
+        threshold = float(torch.quantile(unc.double(), 1 - k).to(unc.dtype))  # linear interpolation, as official
+        n_hard = int((unc >= threshold).sum())
+        return cls(threshold, n_hard, len(unc) - n_hard)
+
+    def hard(self, unc: Tensor) -> Tensor:
+        return unc >= self.threshold
+
+
 def hard_mask(unc: Tensor, k: float) -> Tensor:
     """The official ATKD split: hard = u >= torch.quantile(u, 1 - k) over the given tokens."""
-    return unc >= torch.quantile(unc.double(), 1 - k).to(unc.dtype)
+    return TokenSplit.over(unc, k).hard(unc)
 
 
-def atkd_weights(unc: Tensor, params) -> Tensor:
-    """[N, 2] weights (on TKD, on DKD) per valid token, as the official ATKD code splits a batch."""
-    hard = hard_mask(unc, params["k"])
-    n_hard, n_easy = int(hard.sum()), int((~hard).sum())
+def atkd_weights(unc: Tensor, params, *, split: TokenSplit | None = None) -> Tensor:
+    """[N, 2] weights (on TKD, on DKD) per valid token, as the official ATKD code splits a batch.
+
+    With `split`, its threshold and group sizes are used instead of those of these tokens.
+    """
+    split = split or TokenSplit.over(unc, params["k"])
+    hard = split.hard(unc)
+    n_hard, n_easy = split.n_hard, split.n_easy
     lam = params["lam"]
     w_hard = (1 - lam) / n_hard if n_hard else 0.0
     w_easy = lam / n_easy if n_easy else 0.0
@@ -331,9 +367,9 @@ class LossParts:
     contributions: Tensor
     unc: Tensor
 
-    def hard_easy(self, k: float) -> tuple[float, float]:
-        """(hard part, easy part) of `kd`, hard = u >= quantile(u, 1 - k) as in ATKD."""
-        hard = hard_mask(self.unc, k)
+    def hard_easy(self, k: float, *, split: TokenSplit | None = None) -> tuple[float, float]:
+        """(hard part, easy part) of `kd`, hard = u >= quantile(u, 1 - k) as in ATKD (or `split`'s threshold)."""
+        hard = (split or TokenSplit.over(self.unc, k)).hard(self.unc)
         return float(self.contributions[hard].sum()), float(self.contributions[~hard].sum())
 
 
@@ -352,13 +388,21 @@ class KDLoss:
     def objective(self) -> Objective:
         return OBJECTIVES[self.name]
 
-    def _rows_and_weights(self, teacher: Tensor, y: Tensor, chunk: int) -> tuple[Tensor | None, Tensor, Tensor | None]:
-        """(ATKD row weights or None, per-token weights, teacher uncertainty if it had to be computed)."""
+    def _rows_and_weights(self, teacher: Tensor, y: Tensor, chunk: int, *, num_items: int | None = None,
+                          split: TokenSplit | None = None,
+                          teacher_unc: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        """(ATKD row weights or None, per-token weights, teacher uncertainty if known or computed).
+
+        Means divide by `num_items` (default: these tokens' count); ATKD uses `split` (default:
+        the split of these tokens).
+        """
         if self.objective.self_normalised:
-            unc = teacher_uncertainty(teacher, y, self.params["temperature"], chunk)
-            return atkd_weights(unc, self.params), torch.ones(len(y), device=teacher.device), unc
-        scale = 1.0 / max(1, len(y)) if self.reduction == "mean" else 1.0
-        return None, torch.full((len(y),), scale, device=teacher.device), None
+            if teacher_unc is None:
+                teacher_unc = teacher_uncertainty(teacher, y, self.params["temperature"], chunk)
+            rows = atkd_weights(teacher_unc, self.params, split=split)
+            return rows, torch.ones(len(y), device=teacher.device), teacher_unc
+        scale = 1.0 / max(1, num_items or len(y)) if self.reduction == "mean" else 1.0
+        return None, torch.full((len(y),), scale, device=teacher.device), teacher_unc
 
     def _targets(self, labels: Tensor, vocab: int) -> tuple[Tensor, Tensor, Tensor]:
         """(valid mask [B, T], flat row index [N], target ids [N]) with the labels checked."""
@@ -375,6 +419,15 @@ class KDLoss:
         return self.chunk_rows or max(1, DEFAULT_CHUNK_ELEMENTS // vocab)
 
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> Tensor:
+        valid, weighted, _ = self._weighted_tokens(student_logits, teacher_logits, labels)
+        if self.reduction == "none":
+            return torch.zeros(labels.shape, dtype=weighted.dtype, device=weighted.device).masked_scatter(valid, weighted)
+        return weighted.sum()
+
+    def _weighted_tokens(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *,
+                         num_items: int | None = None, split: TokenSplit | None = None,
+                         teacher_unc: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(valid mask [B, T], each target's weighted loss [N], teacher uncertainty [N] or None)."""
         if student_logits.shape != teacher_logits.shape or student_logits.shape[:-1] != labels.shape:
             raise ValueError(
                 f"student_logits {tuple(student_logits.shape)}, teacher_logits {tuple(teacher_logits.shape)} and "
@@ -385,28 +438,36 @@ class KDLoss:
         student = student_logits.reshape(-1, vocab)  # (B*T, V) views, no copy
         teacher = teacher_logits.detach().reshape(-1, vocab)
         chunk = self._chunk(vocab)
+        options = dict(num_items=num_items, split=split, teacher_unc=teacher_unc)
         if self.fused:
-            rows, weights, _ = self._rows_and_weights(_RowView(teacher, index), y, chunk)
+            rows, weights, unc = self._rows_and_weights(_RowView(teacher, index), y, chunk, **options)
             tokens = _ChunkedLoss.apply(student, teacher, index, y, rows, self.objective, self.params, chunk)
         else:
             student, teacher = student[index], teacher[index]
-            rows, weights, _ = self._rows_and_weights(teacher, y, len(y))
+            rows, weights, unc = self._rows_and_weights(teacher, y, len(y), **options)
             tokens = _chunk_token_loss(self.objective, self.params, student, teacher, y, rows)
-        weighted = tokens * weights
-        if self.reduction == "none":
-            return torch.zeros(labels.shape, dtype=weighted.dtype, device=weighted.device).masked_scatter(valid, weighted)
-        return weighted.sum()
+        return valid, tokens * weights, unc
 
     def linear(self, student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor,
                labels: Tensor, *, ce_weight: float = 0.0, kd_weight: float = 1.0,
-               student_bias: Tensor | None = None, teacher_bias: Tensor | None = None) -> LossParts:
+               student_bias: Tensor | None = None, teacher_bias: Tensor | None = None, num_items: int | None = None,
+               split: TokenSplit | None = None, teacher_unc: Tensor | None = None) -> LossParts:
         """The loss from hidden states [B, T, H] and LM-head weights [V, H], never building [B, T, V].
 
         Student and teacher may have different hidden sizes; the heads must have the same V
         rows (slice them to the shared vocabulary first). loss = kd_weight * kd + ce_weight * ce,
         ce being the student's mean cross-entropy on the targets. Gradients flow to the student's
         hidden states, head weight and bias; the teacher side is constant.
+
+        For part of a larger batch: means (of the KD loss and of the cross-entropy) divide by
+        `num_items`, the larger batch's target count, and ATKD uses `split`, made over the larger
+        batch (default for both: this call's tokens alone). `teacher_unc` [N]: the teacher
+        uncertainty of the targets if already computed (`uncertainty`), saving a pass.
+        A head sharded by FSDP2 (a DTensor) is gathered for the chunk loop, and its gradient is
+        averaged over the ranks onto the shards, as FSDP does for every other parameter.
         """
+        student_head, student_bias, teacher_head, teacher_bias = map(
+            gathered, (student_head, student_bias, teacher_head, teacher_bias))
         vocab = student_head.shape[0]
         if teacher_head.shape[0] != vocab or student_hidden.shape[:-1] != labels.shape \
                 or teacher_hidden.shape[:-1] != labels.shape:
@@ -422,28 +483,56 @@ class KDLoss:
         t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, index)
         teacher = _LinearRows(t_hidden, teacher_head, teacher_bias)
         chunk = self._chunk(vocab)
-        rows, weights, known_unc = self._rows_and_weights(teacher, y, chunk)
-        ce_weights = torch.full((len(y),), ce_weight / len(y), device=hidden.device)
+        rows, weights, known_unc = self._rows_and_weights(teacher, y, chunk, num_items=num_items, split=split,
+                                                          teacher_unc=teacher_unc)
+        count = num_items or len(y)
+        ce_weights = torch.full((len(y),), ce_weight / count, device=hidden.device)
         total, kd_tokens, ce_tokens, unc = _ChunkedLinearLoss.apply(
             hidden, student_head, student_bias, teacher, y, rows, weights * kd_weight, ce_weights, known_unc,
             self.objective, self.params, chunk)
         contributions = kd_tokens * weights
-        return LossParts(total, contributions.sum(), ce_tokens.mean(), contributions, unc)
+        return LossParts(total, contributions.sum(), ce_tokens.sum() / count, contributions, unc)
 
-    def parts(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *,
-              ce_weight: float = 0.0) -> LossParts:
+    def parts(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor, *, ce_weight: float = 0.0,
+              num_items: int | None = None, split: TokenSplit | None = None,
+              teacher_unc: Tensor | None = None) -> LossParts:
         """Like `linear`, from full logits [B, T, V] (for models whose head is not a plain linear)."""
-        contributions_full = replace(self, reduction="none")(student_logits, teacher_logits, labels)
-        valid, index, y = self._targets(labels, student_logits.shape[-1])
-        contributions = contributions_full[valid]
-        if self.reduction == "mean" and not self.objective.self_normalised:
-            contributions = contributions / len(y)
+        valid, contributions, unc = self._weighted_tokens(student_logits, teacher_logits, labels, num_items=num_items,
+                                                          split=split, teacher_unc=teacher_unc)
         kd = contributions.sum()
         ce = F.cross_entropy(student_logits.reshape(-1, student_logits.shape[-1]).float(), labels.reshape(-1),
-                             ignore_index=self.ignore_index)
-        teacher = _RowView(teacher_logits.detach().reshape(-1, student_logits.shape[-1]), index)
-        unc = teacher_uncertainty(teacher, y, self.params["temperature"], self._chunk(student_logits.shape[-1]))
+                             ignore_index=self.ignore_index, reduction="sum") / (num_items or len(contributions))
+        if unc is None:
+            unc = self.uncertainty(teacher_logits, labels)
         return LossParts(kd + ce_weight * ce, kd.detach(), ce.detach(), contributions.detach(), unc)
+
+    def uncertainty(self, teacher: Tensor, labels: Tensor, *, teacher_head: Tensor | None = None,
+                    teacher_bias: Tensor | None = None) -> Tensor:
+        """Teacher uncertainty u = 1 - p_y [N] of the targets, in the order `linear` and `parts` see them.
+
+        `teacher`: logits [B, T, V], or hidden states [B, T, H] with `teacher_head` [V, H] (and
+        `teacher_bias`), streamed a chunk of rows at a time.
+        """
+        teacher_head, teacher_bias = gathered(teacher_head), gathered(teacher_bias)
+        vocab = teacher.shape[-1] if teacher_head is None else teacher_head.shape[0]
+        _, index, y = self._targets(labels, vocab)
+        if teacher_head is None:
+            rows = _RowView(teacher.detach().reshape(-1, vocab), index)
+        else:
+            rows = _LinearRows(teacher.detach().reshape(-1, teacher.shape[-1]).index_select(0, index), teacher_head,
+                               teacher_bias)
+        return teacher_uncertainty(rows, y, self.params["temperature"], self._chunk(vocab))
+
+
+def gathered(tensor: Tensor | None) -> Tensor | None:
+    """A tensor sharded by FSDP2 (a DTensor) gathered whole, its gradient averaged over the ranks; others as they are."""
+    if tensor is None or not torch.distributed.is_available():
+        return tensor
+    from torch.distributed.tensor import DTensor, Partial
+
+    if not isinstance(tensor, DTensor):
+        return tensor
+    return tensor.full_tensor(grad_placements=[Partial("avg")] * tensor.device_mesh.ndim)
 
 
 class _RowView:

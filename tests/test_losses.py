@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kdviz.losses import OBJECTIVES, get_loss, tkd_dkd
+from kdviz.losses import OBJECTIVES, TokenSplit, get_loss, tkd_dkd
 from reference import official_style_atkd, reference_token_loss
 
 PARAMS = {
@@ -325,3 +325,69 @@ def test_loss_parameters_are_type_and_range_checked(options, message):
     options = dict(options)
     with pytest.raises(ValueError, match=message):
         get_loss(options.pop("name"), **options)
+
+
+def test_token_split_is_the_official_quantile_split():
+    unc = torch.rand(101, generator=torch.Generator().manual_seed(0))
+    for k in (0.5, 0.3, 0.77, 1.0):
+        split = TokenSplit.over(unc, k)
+        official = unc >= torch.quantile(unc.double(), 1 - k).float()
+        assert torch.equal(split.hard(unc), official)
+        assert (split.n_hard, split.n_easy) == (int(official.sum()), int((~official).sum()))
+
+
+def test_uncertainty_from_logits_or_hidden_states_is_one_minus_the_target_probability():
+    _, _, _, t_hidden, t_head, labels = make_hidden(seed=4)
+    bias = torch.randn(t_head.shape[0], dtype=torch.float64)
+    logits = t_hidden @ t_head.T + bias
+    valid = labels != -100
+    expected = 1 - torch.softmax(logits, -1)[valid].gather(1, labels[valid][:, None]).squeeze(1)
+    loss_fn = get_loss("atkd", chunk_rows=4)
+    torch.testing.assert_close(loss_fn.uncertainty(logits, labels).double(), expected, rtol=1e-5, atol=1e-6)
+    from_hidden = loss_fn.uncertainty(t_hidden, labels, teacher_head=t_head, teacher_bias=bias)
+    torch.testing.assert_close(from_hidden.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+MICRO_BATCHES = (slice(0, 3), slice(3, 5))  # rows of a batch of 5, cut as gradient accumulation or two processes would
+
+
+@pytest.mark.parametrize("name,params", [("fkl", {}), ("jsd", {"beta": 0.3}), ("atkd", {"lam": 0.3}),
+                                         ("atkd", {"base": "rkl", "k": 0.3})])
+@pytest.mark.parametrize("path", ["linear", "logits"])
+def test_micro_batch_losses_add_up_to_the_whole_batch_with_its_count_and_split(name, params, path):
+    s_hidden, s_head, _, t_hidden, t_head, labels = make_hidden(batch=5, seed=7)
+    labels[3, :6] = -100  # the micro-batches hold different numbers of targets
+    t_logits = t_hidden @ t_head.T
+    loss_fn = get_loss(name, chunk_rows=3, **params)
+
+    def leaves():
+        return [t.clone().requires_grad_(True) for t in (s_hidden, s_head)]
+
+    ref_hidden, ref_head = leaves()  # the plain loss of the whole batch, plain autograd
+    logits = ref_hidden @ ref_head.T
+    reference = get_loss(name, fused=False, **params)(logits, t_logits, labels) + 0.5 * torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    reference.backward()
+
+    unc = loss_fn.uncertainty(t_hidden, labels, teacher_head=t_head)  # as the trainer gathers it over the batch
+    whole = dict(num_items=len(unc), split=TokenSplit.over(unc, loss_fn.params.get("k", 0.5)))
+    ours_hidden, ours_head = leaves()
+    naive, total = 0.0, 0.0
+    for rows in MICRO_BATCHES:
+        if path == "linear":
+            part_unc = loss_fn.uncertainty(t_hidden[rows], labels[rows], teacher_head=t_head)
+            call = lambda **options: loss_fn.linear(ours_hidden[rows], ours_head, t_hidden[rows], t_head,  # noqa: E731
+                                                    labels[rows], ce_weight=0.5, **options)
+            parts = call(**whole, teacher_unc=part_unc)
+        else:
+            call = lambda **options: loss_fn.parts(ours_hidden[rows] @ ours_head.T, t_logits[rows],  # noqa: E731
+                                                   labels[rows], ce_weight=0.5, **options)
+            parts = call(**whole)
+        total = total + parts.loss
+        naive += float(call().loss.detach()) / len(MICRO_BATCHES)  # each micro-batch a mean of its own
+    total.backward()
+    torch.testing.assert_close(total.double(), reference.detach().double(), rtol=1e-5, atol=1e-6)
+    for ours, ref in ((ours_hidden, ref_hidden), (ours_head, ref_head)):
+        torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-4, atol=1e-6)
+    reference = float(reference.detach())
+    assert abs(naive - reference) > 1e-3 * abs(reference)  # the cut matters without the count and the split
