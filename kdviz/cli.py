@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 import time
@@ -21,8 +22,10 @@ EPILOG = """examples:
                 --limit 64 --out table.parquet
   kdviz analyze --teacher Qwen/Qwen2.5-1.5B --student Qwen/Qwen2.5-0.5B \\
                 --data train.jsonl --out table.parquet   (hub ids need network access)
-  kdviz distill --teacher zoo:teacher-l --student zoo:student --data zoo:docstrings \
+  kdviz distill --teacher zoo:teacher-l --student zoo:student --data zoo:docstrings \\
                 --loss atkd --steps 300 --out runs/atkd   fine-tune, save the student + metrics.json
+  python -m torch.distributed.run --standalone --nproc_per_node 2 -m kdviz distill ... \\
+                --batch-size 4 --save-steps 50   2 processes x 4 = the same student as --batch-size 8
   kdviz zoo build --tiny --out /tmp/zoo         a micro zoo in under two minutes
 
 Models: a Hugging Face hub id, a local folder saved with save_pretrained, a .gguf file (or
@@ -123,11 +126,23 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                          help="objective parameter, repeatable: --param lam=0.2 --param k=0.5 --param base=rkl")
     distill.add_argument("--ce-weight", type=float, default=0.0, help="weight of the cross-entropy term (default 0)")
-    distill.add_argument("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    distill.add_argument("--batch-size", type=int, default=8,
+                         help="sequences per step and process (default 8); the global batch is this x processes x "
+                              "--grad-accum, and the result depends only on the global batch")
+    distill.add_argument("--grad-accum", type=int, default=1,
+                         help="micro-batches accumulated per optimizer step (default 1)")
     distill.add_argument("--lr", type=float, default=5e-4, help="peak learning rate, cosine schedule (default 5e-4)")
     distill.add_argument("--eval-size", type=int, default=None,
                          help="examples held out for evaluation (default: a fifth of the data, at most 32)")
     distill.add_argument("--seed", type=int, default=0, help="seed for the split, the order and the init (default 0)")
+    distill.add_argument("--atkd-split", choices=["global", "micro_batch"], default="global",
+                         help="ATKD's hard/easy threshold over the whole global batch (default), or per micro-batch "
+                              "as the official code (then the result changes with the batch layout)")
+    distill.add_argument("--keep-dropout", action="store_true", help="keep the student's dropout (default: off)")
+    distill.add_argument("--save-steps", type=int, default=None,
+                         help="write a checkpoint into --out every N steps (default: only when interrupted)")
+    distill.add_argument("--resume", action="store_true",
+                         help="continue the latest checkpoint in --out (same settings; Ctrl-C saves one)")
     _add_data_options(distill)
     distill.add_argument("--device", default=None, help="cpu or cuda")
 
@@ -314,6 +329,7 @@ def _parse_params(items: list[str]) -> dict:
 
 
 def run_distill(args) -> None:
+    from kdviz import distributed
     from kdviz.files import check_distinct
     from kdviz.train import distill
 
@@ -321,7 +337,19 @@ def run_distill(args) -> None:
     result = distill(args.teacher, args.student, args.data, loss=args.loss, steps=args.steps, out_dir=args.out,
                      eval_size=args.eval_size, limit=args.limit, batch_size=args.batch_size, learning_rate=args.lr,
                      seed=args.seed, device=args.device, loss_params=_parse_params(args.param),
-                     ce_weight=args.ce_weight, template=args.template, truncate=args.truncate, **_fields(args))
+                     ce_weight=args.ce_weight, template=args.template, truncate=args.truncate,
+                     gradient_accumulation_steps=args.grad_accum, atkd_split=args.atkd_split,
+                     keep_dropout=args.keep_dropout, save_steps=args.save_steps,
+                     resume_from_checkpoint=args.resume or None, **_fields(args))
+    if not distributed.world().is_main:
+        if result.interrupted:
+            raise SystemExit(130)
+        return
+    if result.interrupted:
+        print(f"kdviz distill: interrupted at step {result.steps_done} of {args.steps}; saved {result.checkpoint} "
+              f"and {Path(args.out) / 'metrics.json'} (marked interrupted). Continue with:\n  {_resume_command()}"
+              f"{_launcher_note(result.settings)}", file=sys.stderr)
+        raise SystemExit(130)
     rouge = {name: "n/a" if r.rouge_l is None else f"{r.rouge_l:.3f}" for name, r in
              (("before", result.before), ("after", result.after))}
     print(f"\n{args.loss} on {result.settings['data']}: {args.steps} steps in {result.train_seconds:.0f} s")
@@ -329,6 +357,19 @@ def run_distill(args) -> None:
     for name, r in (("before", result.before), ("after", result.after)):
         print(f"{name:8}{r.loss:>10.3f}{r.agreement:>11.3f}{rouge[name]:>9}")
     print(f"\nStudent: {Path(args.out).resolve()}  Metrics: {Path(args.out).resolve() / 'metrics.json'}")
+
+
+def _resume_command() -> str:
+    """This process's `kdviz distill ...` command line with --resume."""
+    words = sys.argv[sys.argv.index("distill"):] if "distill" in sys.argv else ["distill", "..."]
+    return shlex.join(["kdviz", *words, *([] if "--resume" in words else ["--resume"])])
+
+
+def _launcher_note(settings: dict) -> str:
+    if settings["world_size"] == 1:
+        return ""
+    return (f"\n  launched as this run was (torchrun or accelerate launch), or with any processes x --batch-size x "
+            f"--grad-accum = {settings['global_batch']}")
 
 
 def run_zoo(args) -> None:

@@ -1,17 +1,20 @@
 import json
+import signal
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import TrainerCallback
 
 from conftest import tiny_gpt2
 from kdviz import load_pair
 from kdviz.data import from_records
 from kdviz.losses import get_loss
-from kdviz.train import (DistillConfig, DistillTrainer, OnlineAdapter, _batch_dict, distill, evaluate_student,
-                         rouge_l)
+from kdviz.train import (DistillConfig, DistillTrainer, OnlineAdapter, _batch_dict, disable_dropout, distill,
+                         evaluate_student, rouge_l)
 
 RECORDS = [{"prompt": f"def f{i}(a, b):\n    \"\"\"Return the sum.\"\"\"\n", "response": "    return a + b\n"}
            for i in range(6)] + [{"prompt": "The teacher knows", "response": " more than the student."}] * 4
@@ -124,6 +127,8 @@ def test_rouge_l_is_one_for_a_model_that_learned_the_response(tokenizer):
     ({"ce_weight": -1}, "ce_weight=-1 is not allowed"),
     ({"loss": "okd", "okd_base": "ce"}, "okd_base='ce'"),
     ({"okd_rank": 0}, "okd_rank=0"),
+    ({"atkd_split": "batch"}, "atkd_split='batch' is not allowed; it must be one of 'global', 'micro_batch'"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps=0 is not allowed"),
 ])
 def test_config_rejects_bad_settings_with_what_is_allowed(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -133,8 +138,9 @@ def test_config_rejects_bad_settings_with_what_is_allowed(tmp_path, kwargs, mess
 def test_config_fields_carry_help():
     from dataclasses import fields
 
-    ours = [f for f in fields(DistillConfig) if f.name in ("loss", "loss_params", "ce_weight", "okd_rank", "okd_pull")]
-    assert len(ours) == 5 and all(f.metadata.get("help") for f in ours)
+    names = ("loss", "loss_params", "ce_weight", "okd_rank", "okd_pull", "atkd_split", "keep_dropout")
+    ours = [f for f in fields(DistillConfig) if f.name in names]
+    assert len(ours) == len(names) and all(f.metadata.get("help") for f in ours)
 
 
 def test_distill_saves_a_loadable_student_and_metrics(model_dirs, tmp_path):
@@ -224,3 +230,73 @@ def test_a_soft_capped_head_falls_back_to_the_models_own_logits(tokenizer, tmp_p
     with pytest.raises(ValueError, match="OKD adapts the teacher's final hidden state"):
         DistillTrainer(model=student, teacher=teacher, args=config(tmp_path, loss="okd"), train_dataset=data,
                        processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_the_students_dropout_is_off_while_distilling_unless_kept(tokenizer, tmp_path, keep):
+    trainer, data = make_trainer(tokenizer, tmp_path, loss="fkl", keep_dropout=keep)
+    batch = _batch_dict(list(data)[:4], tokenizer.pad_token_id)
+    student = trainer.model.train()  # as each training step sets it
+    assert student.config.resid_pdrop > 0  # the model has dropout to turn off
+    first, second = (student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                     for _ in range(2))
+    assert torch.equal(first, second) != keep
+
+
+def test_disable_dropout_reaches_attention_dropout_that_is_a_float():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, attention_dropout=0.5))
+    disable_dropout(model)
+    assert model.model.layers[0].self_attn.attention_dropout == 0.0
+
+
+class InterruptAt(TrainerCallback):
+    """Ctrl-C (SIGINT to this process) at the end of one step, once distill handles it."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler, "distill must catch Ctrl-C"
+            signal.raise_signal(signal.SIGINT)
+
+
+def test_an_interrupted_okd_run_resumes_to_the_uninterrupted_student(model_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = partial(distill, model_dirs["teacher"], model_dirs["student"], RECORDS * 2, loss="okd", steps=6,
+                  eval_size=4, batch_size=4, learning_rate=1e-2, device="cpu", progress=False,
+                  eval_generate_examples=2, eval_generate_tokens=4, okd_rank=2, okd_base="atkd")
+    whole = run(out_dir=tmp_path / "whole")
+    cut = run(out_dir=tmp_path / "cut", callbacks=[InterruptAt(2)])
+    assert cut.interrupted and cut.steps_done == 2 and cut.after is None
+    assert cut.checkpoint == str(tmp_path / "cut" / "checkpoint-2")
+    assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["interrupted"]
+    assert not (tmp_path / "cut" / "config.json").exists()  # the student is in the checkpoint, not yet in --out
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run .*checkpoint-2.*--resume"):
+        run(out_dir=tmp_path / "cut")
+    with pytest.raises(ValueError, match="other settings \\(loss='okd' there, 'fkl' here"):
+        run(out_dir=tmp_path / "cut", resume_from_checkpoint=True, loss="fkl")
+
+    resumed = run(out_dir=tmp_path / "cut", resume_from_checkpoint=True)
+    assert not resumed.interrupted and resumed.steps_done == 6
+    assert resumed.before == cut.before  # measured at the start and stored, not measured again
+    initial = AutoModelForCausalLM.from_pretrained(model_dirs["student"]).state_dict()
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").state_dict()
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "cut").state_dict()
+    difference = max(float((ours[k] - reference[k]).abs().max()) for k in reference)
+    update = max(float((reference[k] - initial[k]).abs().max()) for k in reference)
+    assert difference <= 1e-6 * update  # the adapter, optimizer and schedule came back too
+    assert [e["kd"] for e in resumed.curves()] == pytest.approx([e["kd"] for e in whole.curves()], rel=1e-6)
+
+
+def test_resume_without_a_checkpoint_says_so(model_dirs, tmp_path, capsys):
+    from kdviz.cli import main
+
+    code = main(["distill", "--teacher", str(model_dirs["teacher"]), "--student", str(model_dirs["student"]),
+                 "--data", "zoo:docstrings", "--out", str(tmp_path / "empty"), "--resume"])
+    assert code == 2
+    assert "No checkpoint in" in capsys.readouterr().err
