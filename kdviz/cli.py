@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = commands.add_parser("distill", help="fine-tune the student from the teacher with a KD objective",
                                   epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_pair_options(distill, student_help="student model to fine-tune (same tokenizer)")
+    _add_pair_options(distill, student_help="student model to fine-tune (same tokenizer)", cache=True)
     distill.add_argument("--out", required=True, help="folder for the fine-tuned student (HF format) and metrics.json")
     distill.add_argument("--loss", default="atkd", help="fkl, rkl, jsd, tvd, skl, srkl, dkd, atkd or okd (default atkd)")
     distill.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
@@ -334,7 +334,10 @@ def run_distill(args) -> None:
     from kdviz.train import distill
 
     check_distinct({"--data": _data_path(args.data), "--out": args.out})
+    if (args.teacher is None) == (args.teacher_cache is None):
+        raise ValueError("Give the teacher as --teacher MODEL or --teacher-cache DIR (one of them).")
     result = distill(args.teacher, args.student, args.data, loss=args.loss, steps=args.steps, out_dir=args.out,
+                     teacher_cache=args.teacher_cache,
                      eval_size=args.eval_size, limit=args.limit, batch_size=args.batch_size, learning_rate=args.lr,
                      seed=args.seed, device=args.device, loss_params=_parse_params(args.param),
                      ce_weight=args.ce_weight, template=args.template, truncate=args.truncate,
@@ -394,13 +397,16 @@ def run_zoo(args) -> None:
 def _zoo_line(m: dict) -> str:
     """One model of `kdviz zoo list`: what it is, where it came from, licence and size."""
     if m.get("fetched") is False:
-        return (f"{m['name']:<22}{'not fetched':>14}  {m['description']}\n{'':24}from {m['source']}; licence "
+        return (f"{m['name']:<22}{'not fetched':>14}  {m['description']}\n{'':24}source: {m['source']}; licence "
                 f"{m['licence']}. Get it: `{m['install']}`, then `kdviz zoo fetch`.")
-    size = f"{m['size_bytes'] / 1e6:.0f} MB" if "size_bytes" in m else ""
+    from kdviz import zoo
+
+    size = m.get("size_bytes") or sum(p.stat().st_size for p in zoo._model_dir(m["name"]).iterdir() if p.is_file())
     about = m.get("description") or "GPT-2 trained by kdviz on the standard library's source"
     loss = f"  held-out loss {m['heldout_loss']:.3f}" if "heldout_loss" in m else ""
-    source = f"\n{'':24}from {m['source']}; licence {m.get('licence', 'Apache-2.0')}; {size}" if "source" in m else ""
-    return f"{m['name']:<22}{m['parameters']:>14,} params{loss}  {about}{source}"
+    source = m.get("source", "trained by kdviz (kdviz zoo build)")
+    return (f"{m['name']:<22}{m['parameters']:>14,} params{loss}  {about}\n{'':24}source: {source}; licence "
+            f"{m.get('licence', 'Apache-2.0')}; {size / 1e6:.1f} MB")
 
 
 def _raise_interrupt(signum, frame):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -244,10 +244,58 @@ OBJECTIVES: dict[str, Objective] = {
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _chunk_token_loss(objective: Objective, params: dict, s_rows: Tensor, t_rows: Tensor, y: Tensor, rows) -> Tensor:
+class TopKRows(NamedTuple):
+    """A teacher read from a top-k cache, one row per target token: top-k ids and log-probs [N, k], log p_y [N]."""
+
+    ids: Tensor
+    logprobs: Tensor
+    target_logp: Tensor
+
+    def __getitem__(self, span):
+        if isinstance(span, slice):
+            return TopKRows(self.ids[span], self.logprobs[span], self.target_logp[span])
+        return tuple.__getitem__(self, span)
+
+    @property
+    def device(self) -> torch.device:
+        return self.ids.device
+
+    def uncertainty(self) -> Tensor:
+        """u = 1 - p_y [N], exact."""
+        return -torch.expm1(self.target_logp.float())
+
+
+def bucketed(log_q: Tensor, ids: Tensor, logprobs: Tensor, target_logp: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Teacher and student log-probabilities over [target, top-k ids, tail] per row: [R, k + 2] each.
+
+    log_q [R, V]: the student's full log-probabilities (keeps its gradient); ids/logprobs
+    [R, k]: the teacher's cached top-k; target_logp [R]: log p_y; y [R]: the targets. A top-k
+    entry equal to the target gets probability 0 on both sides (it is column 0 already). The
+    tail is everything else: p_tail = 1 - p_y - sum of the other top-k p, q_tail = logsumexp
+    of log q over the tail entries (its gradient spreads over them in proportion to q); -inf
+    when the tail is empty. KL over these buckets is a lower bound of the full KL (log-sum
+    inequality), equal to it when the top-k covers the vocabulary.
+    """
+    is_target = ids == y[:, None]  # (R, k)
+    log_p_top = logprobs.float().masked_fill(is_target, NEG_INF)
+    log_q_top = log_q.gather(1, ids).masked_fill(is_target, NEG_INF)
+    tail = torch.ones_like(log_q, dtype=torch.bool).scatter_(1, ids, False).scatter_(1, y[:, None], False)
+    log_q_tail = _logsumexp(log_q.masked_fill(~tail, NEG_INF))  # -inf (with a finite gradient) when empty
+    known = torch.logsumexp(torch.cat([target_logp.float()[:, None], log_p_top], 1), 1)  # log(p_y + sum p_top)
+    log_p_tail = torch.log((-torch.expm1(known)).clamp(min=0.0)).masked_fill(~tail.any(1), NEG_INF)
+    log_p_b = torch.cat([target_logp.float()[:, None], log_p_top, log_p_tail[:, None]], 1)
+    log_q_b = torch.cat([log_q.gather(1, y[:, None]), log_q_top, log_q_tail[:, None]], 1)
+    return log_p_b, log_q_b
+
+
+def _chunk_token_loss(objective: Objective, params: dict, s_rows: Tensor, t_rows, y: Tensor, rows) -> Tensor:
+    """Per-token losses of one chunk; `t_rows` is the teacher's logits [C, V] or cached `TopKRows`."""
     tau = params["temperature"]
-    log_q, log_p = log_probs(s_rows, tau, "student"), log_probs(t_rows, tau, "teacher")
-    return objective.token_loss(log_q, log_p, y, rows, params)
+    log_q = log_probs(s_rows, tau, "student")
+    if isinstance(t_rows, TopKRows):  # the cache holds the teacher at this temperature already
+        log_p, log_q = bucketed(log_q, t_rows.ids, t_rows.logprobs, t_rows.target_logp, y)
+        return objective.token_loss(log_q, log_p, torch.zeros_like(y), rows, params)  # the target is bucket 0
+    return objective.token_loss(log_q, log_probs(t_rows, tau, "teacher"), y, rows, params)
 
 
 class _ChunkedLoss(torch.autograd.Function):
@@ -476,12 +524,39 @@ class KDLoss:
                 f"{tuple(labels.shape)}, student_head {tuple(student_head.shape)} and teacher_head "
                 f"{tuple(teacher_head.shape)} must be [..., H_s], [..., H_t], [...], [V, H_s] and [V, H_t]."
             )
+        _, index, _ = self._targets(labels, vocab)
+        t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, index)
+        return self._linear(student_hidden, student_head, _LinearRows(t_hidden, teacher_head, teacher_bias), labels,
+                            ce_weight=ce_weight, kd_weight=kd_weight, student_bias=student_bias, num_items=num_items,
+                            split=split, teacher_unc=teacher_unc)
+
+    def linear_cached(self, student_hidden: Tensor, student_head: Tensor, teacher: TopKRows, labels: Tensor, *,
+                      ce_weight: float = 0.0, kd_weight: float = 1.0, student_bias: Tensor | None = None,
+                      num_items: int | None = None, split: TokenSplit | None = None) -> LossParts:
+        """`linear` with the teacher read from a top-k cache: `teacher` holds one row per target of `labels`
+        (row-major order). The objective is taken over the buckets [target, top-k, tail] (see `bucketed`):
+        exact when k covers the vocabulary; TKD and the ATKD split (u = 1 - p_y) are exact at any k.
+        The cache holds the teacher at one temperature, which must be this objective's."""
+        student_head, student_bias = gathered(student_head), gathered(student_bias)
+        if student_hidden.shape[:-1] != labels.shape:
+            raise ValueError(f"student_hidden {tuple(student_hidden.shape)} must be [..., H] over labels "
+                             f"{tuple(labels.shape)}.")
+        return self._linear(student_hidden, student_head, teacher, labels, ce_weight=ce_weight, kd_weight=kd_weight,
+                            student_bias=student_bias, num_items=num_items, split=split,
+                            teacher_unc=teacher.uncertainty())
+
+    def _linear(self, student_hidden: Tensor, student_head: Tensor, teacher, labels: Tensor, *, ce_weight: float,
+                kd_weight: float, student_bias: Tensor | None, num_items: int | None, split: TokenSplit | None,
+                teacher_unc: Tensor | None) -> LossParts:
+        """The chunk loop shared by `linear` and `linear_cached`; `teacher` gives each chunk's rows when sliced."""
         if self.reduction == "none":
             raise ValueError("The linear path returns a scalar; use reduction 'mean' or 'sum' (or the logits path).")
+        vocab = student_head.shape[0]
         _, index, y = self._targets(labels, vocab)
+        if isinstance(teacher, TopKRows) and len(teacher.target_logp) != len(y):
+            raise ValueError(f"The cached teacher has {len(teacher.target_logp)} rows for {len(y)} targets; the cache "
+                             "and the batch do not match.")
         hidden = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, index)  # (N, H_s)
-        t_hidden = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, index)
-        teacher = _LinearRows(t_hidden, teacher_head, teacher_bias)
         chunk = self._chunk(vocab)
         rows, weights, known_unc = self._rows_and_weights(teacher, y, chunk, num_items=num_items, split=split,
                                                           teacher_unc=teacher_unc)

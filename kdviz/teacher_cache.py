@@ -18,6 +18,7 @@ distributions sends the tail bucket's gradient to the tail entries in proportion
 >>> log_p = torch.log_softmax(torch.randn(2, 10), -1)
 >>> y = torch.tensor([3, 7])
 >>> ids, logprobs = log_p.topk(10, dim=1)[1], log_p.topk(10, dim=1)[0]
+>>> from kdviz.losses import bucketed
 >>> p_b, q_b = bucketed(log_q, ids, logprobs, log_p.gather(1, y[:, None])[:, 0], y)
 >>> kl = (p_b.exp() * (p_b - q_b)).nan_to_num().sum(-1)
 >>> bool(torch.allclose(kl, (log_p.exp() * (log_p - log_q)).sum(-1), atol=1e-5))  # k = V: exact
@@ -40,9 +41,9 @@ from tqdm.auto import tqdm
 from kdviz.data import IGNORE_INDEX, TokenDataset, collate, pad_id
 from kdviz.decompose import check_count, check_temperature
 from kdviz.files import expand, new_folder
-from kdviz.losses import _logsumexp
+from kdviz.losses import TopKRows, bucketed
 
-ARRAYS = ("ids", "logprobs", "target_logp", "lse", "offsets")
+ARRAYS = ("ids", "logprobs", "target_logp", "lse", "offsets", "keys")
 FORMAT = 1
 NEG_INF = float("-inf")
 
@@ -53,6 +54,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     h.update(json.dumps([tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token,
                          getattr(tokenizer, "chat_template", None)], default=str).encode())
     return h.hexdigest()[:16]
+
+
+def example_key(example) -> int:
+    """A 63-bit hash of an example's ids and labels: finds its rows in a cache whatever the order or subset."""
+    import xxhash
+
+    return xxhash.xxh64(np.asarray(example.input_ids + [-1] + example.labels, dtype=np.int64).tobytes()).intdigest() >> 1
 
 
 def target_rows(example) -> list[int]:
@@ -71,6 +79,10 @@ class CachedRows:
 
     def to(self, device) -> "CachedRows":
         return CachedRows(*(t.to(device) for t in (self.ids, self.logprobs, self.target_logp, self.lse)))
+
+    def topk(self) -> TopKRows:
+        """The teacher as the losses read it."""
+        return TopKRows(self.ids, self.logprobs, self.target_logp)
 
 
 @dataclass
@@ -104,7 +116,7 @@ class TeacherCache:
 
     @property
     def bytes_per_token(self) -> float:
-        return sum(self.arrays[n].nbytes for n in ARRAYS if n != "offsets") / max(1, len(self.arrays["lse"]))
+        return sum(self.arrays[n].nbytes for n in ("ids", "logprobs", "target_logp", "lse")) / max(1, len(self.arrays["lse"]))
 
     def check(self, dataset: TokenDataset, tokenizer, *, temperature: float = 1.0) -> None:
         """ValueError saying why this cache does not belong to `dataset` / `tokenizer` / `temperature`."""
@@ -124,6 +136,20 @@ class TeacherCache:
             raise ValueError(f"The teacher cache {self.folder} holds the teacher at temperature {meta['temperature']}, "
                              f"not {temperature}; a top-k cache cannot be re-tempered. Make one at this temperature.")
 
+    def rows_for(self, examples) -> CachedRows:
+        """The cached rows of these `Example`s (found by their ids and labels), concatenated in order."""
+        return self.rows_for_keys([example_key(ex) for ex in examples])
+
+    def rows_for_keys(self, keys: list[int]) -> CachedRows:
+        """The cached rows of the examples with these `example_key`s, concatenated in order."""
+        if not hasattr(self, "_index"):
+            self._index = {int(key): i for i, key in enumerate(self.arrays["keys"])}
+        missing = [key for key in keys if key not in self._index]
+        if missing:
+            raise ValueError(f"The teacher cache {self.folder} has no rows for {len(missing)} example(s) of this "
+                             "batch; make the cache from the same data and options.")
+        return self.rows([self._index[key] for key in keys])
+
     def rows(self, examples: list[int]) -> CachedRows:
         """The cached rows of these examples' target tokens, concatenated in the given order."""
         offsets = self.arrays["offsets"]
@@ -131,27 +157,6 @@ class TeacherCache:
         index = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
         pick = lambda name: torch.from_numpy(np.ascontiguousarray(self.arrays[name][index]))  # noqa: E731
         return CachedRows(pick("ids").long(), pick("logprobs"), pick("target_logp"), pick("lse"))
-
-
-def bucketed(log_q: Tensor, ids: Tensor, logprobs: Tensor, target_logp: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Teacher and student log-probabilities over [target, top-k ids, tail] per row: [R, k + 2] each.
-
-    log_q [R, V]: the student's full log-probabilities (keeps its gradient); ids/logprobs
-    [R, k]: the teacher's cached top-k; target_logp [R]: log p_y; y [R]: the targets. A top-k
-    entry equal to the target gets probability 0 on both sides (it is column 0 already). The
-    tail is everything else: p_tail = 1 - p_y - sum of the other top-k p, q_tail = logsumexp
-    of log q over the tail entries; -inf when empty.
-    """
-    is_target = ids == y[:, None]  # (R, k)
-    log_p_top = logprobs.float().masked_fill(is_target, NEG_INF)
-    log_q_top = log_q.gather(1, ids).masked_fill(is_target, NEG_INF)
-    tail = torch.ones_like(log_q, dtype=torch.bool).scatter_(1, ids, False).scatter_(1, y[:, None], False)
-    log_q_tail = _logsumexp(log_q.masked_fill(~tail, NEG_INF))  # -inf (with a finite gradient) when empty
-    known = torch.logsumexp(torch.cat([target_logp.float()[:, None], log_p_top], 1), 1)  # log(p_y + sum p_top)
-    log_p_tail = torch.log((-torch.expm1(known)).clamp(min=0.0)).masked_fill(~tail.any(1), NEG_INF)
-    log_p_b = torch.cat([target_logp.float()[:, None], log_p_top, log_p_tail[:, None]], 1)
-    log_q_b = torch.cat([log_q.gather(1, y[:, None]), log_q_top, log_q_tail[:, None]], 1)
-    return log_p_b, log_q_b
 
 
 def build(teacher, tokenizer, dataset: TokenDataset, out: str | os.PathLike, *, top_k: int = 64,
@@ -185,6 +190,7 @@ def build(teacher, tokenizer, dataset: TokenDataset, out: str | os.PathLike, *, 
                   "target_logp": np.lib.format.open_memmap(stage / "target_logp.npy", "w+", np.float32, (total,)),
                   "lse": np.lib.format.open_memmap(stage / "lse.npy", "w+", np.float32, (total,))}
         np.save(stage / "offsets.npy", offsets)
+        np.save(stage / "keys.npy", np.array([example_key(ex) for ex in dataset], dtype=np.int64))
         lengths = [len(ex.input_ids) for ex in dataset]
         bar = tqdm(total=sum(lengths), desc="teacher cache", unit="tok", unit_scale=True, disable=not progress)
         for batch in length_batches(lengths, batch_size=64, batch_tokens=batch_tokens):
@@ -194,7 +200,8 @@ def build(teacher, tokenizer, dataset: TokenDataset, out: str | os.PathLike, *, 
         for array in arrays.values():
             array.flush()
         del arrays
-        meta["bytes_per_token"] = sum((stage / f"{n}.npy").stat().st_size for n in ARRAYS if n != "offsets") / max(1, total)
+        per_token = ("ids", "logprobs", "target_logp", "lse")
+        meta["bytes_per_token"] = sum((stage / f"{n}.npy").stat().st_size for n in per_token) / max(1, total)
         (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return TeacherCache.open(out)
 

@@ -42,7 +42,8 @@ from kdviz.data import IGNORE_INDEX, TokenDataset, collate, pad_id
 from kdviz.decompose import check_count
 from kdviz.distributed import barrier, broadcast
 from kdviz.files import check_writable, expand, staged_folder, write_text, write_with
-from kdviz.losses import OBJECTIVES, TokenSplit, gathered, get_loss
+from kdviz.teacher_cache import CachedPair, TeacherCache, example_key
+from kdviz.losses import OBJECTIVES, TokenSplit, TopKRows, gathered, get_loss
 from kdviz.models import ModelPair, final_hidden, head_is_linear, model_logits
 
 LOSSES = (*OBJECTIVES, "okd")
@@ -174,13 +175,21 @@ def evaluate_student(pair: ModelPair, dataset, *, batch_size: int = 8, generate_
     pair.student.eval()
     loss_sum, agree, count = 0.0, 0, 0
     for start in range(0, len(dataset), batch_size):
-        batch = collate(list(dataset[start : start + batch_size]), pad_id=pad_id(pair.tokenizer))
-        teacher, student = pair.logits(batch.input_ids.to(pair.device), batch.attention_mask.to(pair.device))
-        teacher, student = teacher[:, :-1], student[:, :-1]  # position t predicts label t + 1
+        examples = list(dataset[start : start + batch_size])
+        batch = collate(examples, pad_id=pad_id(pair.tokenizer))
+        ids, mask = batch.input_ids.to(pair.device), batch.attention_mask.to(pair.device)
         labels = batch.labels[:, 1:].to(pair.device)
         valid = labels != IGNORE_INDEX
+        if isinstance(pair, CachedPair):  # the teacher's top-1 of every target, from its cache
+            with torch.no_grad():
+                student = model_logits(pair.student, ids, mask)[:, :-1, : pair.vocab_size]
+            teacher_top1 = pair.cache.rows_for(examples).ids[:, 0].to(pair.device)
+        else:
+            teacher, student = pair.logits(ids, mask)
+            teacher, student = teacher[:, :-1], student[:, :-1]  # position t predicts label t + 1
+            teacher_top1 = teacher[valid].argmax(-1)
         loss_sum += float(F.cross_entropy(student[valid].float(), labels[valid], reduction="sum"))
-        agree += int((student[valid].argmax(-1) == teacher[valid].argmax(-1)).sum())
+        agree += int((student[valid].argmax(-1) == teacher_top1).sum())
         count += int(valid.sum())
     examples = list(dataset)[:generate_examples]
     score = rouge_l(pair.student, pair.tokenizer, examples, max_new_tokens=max_new_tokens) if examples else None
@@ -205,6 +214,7 @@ class _Prepared:
     teacher_hidden: Tensor | None  # [B, T-1, H_t] teacher's final hidden states (before OKD's adapter); None: logits path
     unc: Tensor  # [N] (adapted) teacher uncertainty of the targets
     split: TokenSplit | None = None  # the split ATKD uses for this micro-batch (None for other objectives)
+    cached: TopKRows | None = None  # the teacher read from a top-k cache (then teacher_hidden is None)
 
 
 @dataclass
@@ -262,7 +272,8 @@ class DistillTrainer(Trainer):
     2
     """
 
-    def __init__(self, *args, teacher, vocab_size: int | None = None, **kwargs):
+    def __init__(self, *args, teacher=None, teacher_cache: TeacherCache | None = None, vocab_size: int | None = None,
+                 **kwargs):
         if not isinstance(kwargs.get("args"), DistillConfig):
             raise ValueError("DistillTrainer needs args=DistillConfig(...) (it carries the loss settings).")
         tokenizer = kwargs.get("processing_class")
@@ -275,9 +286,14 @@ class DistillTrainer(Trainer):
         self.loss_is_scaled_for_ga = True  # each micro-batch's loss is already its share of the global batch
         if not self.args.keep_dropout:
             disable_dropout(self.model)
-        self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
+        if (teacher is None) == (teacher_cache is None):
+            raise ValueError("DistillTrainer needs teacher=<a model> or teacher_cache=<a TeacherCache> (one of them).")
+        self.teacher = None if teacher is None else teacher.to(self.args.device).eval().requires_grad_(False)
+        self.cache = teacher_cache
         self.vocab_size = vocab_size or len(tokenizer)
         self.kd = self.args.kd_loss()
+        if teacher_cache is not None:
+            self._check_cache(teacher_cache)
         self.adapter = None
         if self.args.loss == "okd":
             self.adapter = OnlineAdapter(teacher.get_output_embeddings().weight.shape[1], self.args.okd_rank)
@@ -290,11 +306,23 @@ class DistillTrainer(Trainer):
         self._sums: dict[str, float] = {}  # logged parts summed over the micro-batches since the last log
         self._steps = 0  # optimizer steps (windows) since the last log
         probe = torch.arange(min(8, self.vocab_size), device=self.args.device)[None]
-        linear_heads = all(head_is_linear(m, probe) for m in (self.model, self.teacher))
+        linear_heads = all(head_is_linear(m, probe) for m in (self.model, self.teacher) if m is not None)
+        if self.cache is not None and not (linear_heads and self.args.fused_linear):
+            raise ValueError("Distilling from a teacher cache needs a student whose LM head is a plain linear layer and "
+                             "fused_linear=True; distil this student with the live teacher.")
         if self.adapter is not None and not linear_heads:
             raise ValueError("OKD adapts the teacher's final hidden state, so both models need a plain linear LM head "
                              "(no logit soft-capping or scaling); use another loss with these models.")
         self.use_linear = self.args.fused_linear and linear_heads
+
+    def _check_cache(self, cache: TeacherCache) -> None:
+        if self.args.loss == "okd":
+            raise ValueError("OKD adapts the teacher's final hidden state, which a top-k cache does not hold; run OKD "
+                             "with the live teacher (--teacher instead of --teacher-cache).")
+        if float(self.kd.params["temperature"]) != cache.meta["temperature"]:
+            raise ValueError(f"The teacher cache {cache.folder} holds the teacher at temperature "
+                             f"{cache.meta['temperature']}, the loss uses {self.kd.params['temperature']}; make a cache "
+                             "at the loss's temperature.")
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -344,6 +372,10 @@ class DistillTrainer(Trainer):
     @torch.no_grad()
     def _teacher_side(self, batch: dict) -> _Prepared:
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"][:, 1:]
+        if self.cache is not None:  # the teacher from disk: its rows for these examples, in batch order
+            cached = self.cache.rows_for_keys(batch["cache_key"].tolist()).topk()
+            cached = TopKRows(*(t.to(ids.device) for t in cached))
+            return _Prepared(ids, None, cached.uncertainty(), cached=cached)
         if self.use_linear:
             hidden = final_hidden(self.teacher, ids, mask)[:, :-1]  # position t predicts label t + 1
             head, bias = lm_head(self.teacher, self.vocab_size)
@@ -366,7 +398,13 @@ class DistillTrainer(Trainer):
         options = dict(num_items=window.num_items, split=prepared.split, teacher_unc=prepared.unc)
         ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"][:, 1:]
         with self._at_step():
-            if self.use_linear:
+            if prepared.cached is not None:
+                s_hidden = final_hidden(model, ids, mask)[:, :-1]  # position t predicts label t + 1
+                s_head, s_bias = lm_head(self.accelerator.unwrap_model(model), self.vocab_size)
+                parts, extra = self.kd.linear_cached(s_hidden, s_head, prepared.cached, labels,
+                                                     ce_weight=self.args.ce_weight, student_bias=s_bias,
+                                                     num_items=options["num_items"], split=options["split"]), 0.0
+            elif self.use_linear:
                 parts, extra = self._linear_parts(model, ids, mask, labels, prepared.teacher_hidden, options)
             else:  # the models' own logits (soft-capped or scaled heads)
                 with torch.no_grad():
@@ -454,8 +492,9 @@ class DistillTrainer(Trainer):
 
     def score(self, dataset) -> EvalResult:
         """`evaluate_student` on `dataset` with this trainer's models and evaluation settings."""
-        pair = ModelPair(self.teacher, self.accelerator.unwrap_model(self.model), self.processing_class,
-                         vocab_size=self.vocab_size)
+        student = self.accelerator.unwrap_model(self.model)
+        pair = CachedPair(self.cache, student, self.processing_class) if self.cache is not None else ModelPair(
+            self.teacher, student, self.processing_class, vocab_size=self.vocab_size)
         return evaluate_student(pair, dataset, batch_size=self.args.per_device_eval_batch_size,
                                 generate_examples=self.args.eval_generate_examples,
                                 max_new_tokens=self.args.eval_generate_tokens)
@@ -531,7 +570,8 @@ class StopOnSignal(TrainerCallback):
 
 def _batch_dict(examples, pad: int) -> dict[str, Tensor]:
     batch = collate(examples, pad_id=pad)
-    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels}
+    return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels,
+            "cache_key": torch.tensor([example_key(ex) for ex in examples])}  # finds the rows of a teacher cache
 
 
 def split_data(dataset: TokenDataset, *, eval_size: int, seed: int = 0) -> tuple[TokenDataset, TokenDataset]:
@@ -670,7 +710,8 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
             seed: int = 0, device: str | None = None, callbacks=None, progress: bool = True, template: str = "auto",
             truncate: bool = False, prompt_field: str | None = None, response_field: str | None = None,
             context_field: str | None = None, save_steps: int | None = None,
-            resume_from_checkpoint: bool | str | None = None, **config) -> DistillResult:
+            resume_from_checkpoint: bool | str | None = None, teacher_cache: str | Path | None = None,
+            **config) -> DistillResult:
     """Distil `student` from `teacher` on `data` for `steps` steps and evaluate before and after.
 
     teacher/student: hub id, local folder or zoo name; data: anything `kdviz.data.load_data`
@@ -683,7 +724,8 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
     `save_steps` steps, and on SIGINT or SIGTERM the run saves one at the end of the current
     step and returns a result marked `interrupted`. `resume_from_checkpoint`: True continues
     the latest checkpoint in `out_dir` (or give a checkpoint folder), with the evaluation
-    before training stored at the start.
+    before training stored at the start. `teacher_cache`: a folder made by `kdviz teacher-cache`
+    (then `teacher` is None): the teacher is read from it instead of run (see kdviz.teacher_cache).
     """
     from kdviz.data import check_template, read_data, tokenize
     from kdviz.models import load_pair, resolve_device
@@ -708,13 +750,23 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
         check_writable(out_dir, what="output folder", folder=True)
         if checkpoint is None:
             _check_fresh(out_dir)
+    if (teacher is None) == (teacher_cache is None):
+        raise ValueError("Give the teacher as a model (teacher=) or as a top-k cache (teacher_cache=), one of them.")
     torch.manual_seed(seed)
-    pair = load_pair(teacher, student, device=device)
+    if teacher_cache is not None:
+        from kdviz.teacher_cache import load_cached_pair
+
+        pair = load_cached_pair(teacher_cache, student, device=device)
+    else:
+        pair = load_pair(teacher, student, device=device)
     pair.student.float().requires_grad_(True)
     dataset = tokenize(source, pair.tokenizer, max_length=pair.max_length or 1024, limit=limit, template=template,
                        truncate=truncate)
+    if teacher_cache is not None:
+        pair.cache.check(dataset, pair.tokenizer, temperature=args.kd_loss().params["temperature"])
     train, evaluation = split_data(dataset, eval_size=eval_split_size(eval_size, len(dataset)), seed=seed)
-    trainer = DistillTrainer(model=pair.student, teacher=pair.teacher, args=args, train_dataset=train,
+    trainer = DistillTrainer(model=pair.student, teacher=getattr(pair, "teacher", None),
+                             teacher_cache=getattr(pair, "cache", None), args=args, train_dataset=train,
                              eval_dataset=evaluation, processing_class=pair.tokenizer, vocab_size=pair.vocab_size,
                              callbacks=callbacks)
     if not progress:
@@ -740,7 +792,10 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
         settings.update(okd_base=args.okd_base, okd_rank=args.okd_rank, okd_pull=args.okd_pull,
                         adapter_parameters=sum(p.numel() for p in trainer.adapter.parameters()))
     latest = (checkpoints(out_dir) or [None])[-1] if out_dir is not None else None
-    result = DistillResult(loss, str(teacher), str(student), steps, before, after, trainer.state.log_history,
+    if teacher_cache is not None:
+        settings.update(teacher_cache=str(pair.cache.folder), cache_top_k=pair.cache.top_k)
+    result = DistillResult(loss, pair.teacher_name if teacher is None else str(teacher), str(student), steps, before,
+                           after, trainer.state.log_history,
                            seconds, settings, str(out_dir) if out_dir else None, trainer.state.global_step,
                            interrupted, str(latest) if latest else None)
     if out_dir:

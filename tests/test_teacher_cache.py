@@ -10,7 +10,8 @@ from kdviz import analyze
 from kdviz.cli import main
 from kdviz.data import load_data
 from kdviz.decompose import SCALAR_FIELDS
-from kdviz.teacher_cache import TeacherCache, bucketed, build, load_cached_pair
+from kdviz.losses import bucketed
+from kdviz.teacher_cache import TeacherCache, build, load_cached_pair
 
 RECORDS = [{"instruction": f"Say {i}", "input": "", "output": "the student learns " * (1 + i % 3)}
            for i in range(8)]
@@ -126,3 +127,93 @@ def test_the_cli_makes_a_cache_and_analyses_from_it(model_dirs, tmp_path, capsys
     assert pl.read_parquet(out)["is_response"].all()
     assert main(["analyze", "--student", str(model_dirs["student"]), "--data", str(data), "--out", str(out)]) == 2
     assert "--teacher MODEL or --teacher-cache DIR" in capsys.readouterr().err
+
+
+# Distilling from the cache -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,params", [("fkl", {}), ("atkd", {"lam": 0.3}), ("jsd", {"beta": 0.5}),
+                                         ("atkd", {"base": "rkl"})])
+def test_the_cached_loss_at_k_equal_to_v_is_the_live_loss_values_and_gradients(name, params):
+    from kdviz.losses import TopKRows, get_loss
+
+    torch.manual_seed(0)
+    s_hidden, t_hidden = torch.randn(2, 6, 8, requires_grad=True), torch.randn(2, 6, 5)
+    s_head, t_head = torch.randn(23, 8, requires_grad=True), torch.randn(23, 5) * 2
+    labels = torch.randint(23, (2, 6))
+    labels[0, :2] = -100
+    loss_fn = get_loss(name, chunk_rows=4, **params)
+    live = loss_fn.linear(s_hidden, s_head, t_hidden, t_head, labels, ce_weight=0.5)
+    live_grads = torch.autograd.grad(live.loss, (s_hidden, s_head))
+    log_p = torch.log_softmax(t_hidden @ t_head.T, -1)[labels != -100]  # the cache's rows, in order
+    y = labels[labels != -100]
+    top = log_p.topk(23, dim=1)
+    cached = loss_fn.linear_cached(s_hidden, s_head, TopKRows(top.indices, top.values, log_p.gather(1, y[:, None])[:, 0]),
+                                   labels, ce_weight=0.5)
+    cached_grads = torch.autograd.grad(cached.loss, (s_hidden, s_head))
+    torch.testing.assert_close(cached.loss, live.loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(cached_grads, live_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(cached.unc, live.unc)  # u exact
+    small = log_p.topk(3, dim=1)
+    lower = loss_fn.linear_cached(s_hidden, s_head, TopKRows(small.indices, small.values,
+                                                             log_p.gather(1, y[:, None])[:, 0]), labels)
+    if name == "fkl":
+        assert float(lower.kd) < float(live.kd)  # a lower bound (log-sum inequality), here strictly
+
+
+@pytest.fixture(scope="module")
+def zoo_caches(tmp_path_factory):
+    from kdviz import load_pair
+
+    pair = load_pair("zoo:teacher-s", "zoo:student", device="cpu")
+    data = load_data("zoo:docstrings", pair.tokenizer, max_length=256, limit=24)
+    root = tmp_path_factory.mktemp("zoo-caches")
+    return {k: build(pair.teacher, pair.tokenizer, data, root / f"k{k}", top_k=k, max_length=256, progress=False)
+            for k in (len(pair.tokenizer), 32)}
+
+
+def trained_weights(out):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(out).state_dict()
+
+
+@pytest.mark.parametrize("loss", ["fkl", "atkd"])
+def test_training_from_a_full_vocabulary_cache_equals_training_with_the_live_teacher(zoo_caches, tmp_path, loss):
+    from kdviz.train import distill
+
+    common = dict(loss=loss, steps=3, batch_size=4, eval_size=4, limit=24, device="cpu", progress=False,
+                  learning_rate=0.5, optim="sgd", eval_generate_examples=0)
+    live = distill("zoo:teacher-s", "zoo:student", "zoo:docstrings", out_dir=tmp_path / "live", **common)
+    cached = distill(None, "zoo:student", "zoo:docstrings", teacher_cache=zoo_caches[8192].folder,
+                     out_dir=tmp_path / "cached", **common)
+    initial, a, b = (trained_weights(p) for p in ("data/zoo/student", tmp_path / "live", tmp_path / "cached"))
+    update = max(float((a[k] - initial[k].float()).abs().max()) for k in a)
+    assert update > 1e-3 and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5 * update
+    assert cached.before.agreement == pytest.approx(live.before.agreement)  # top-1 of the cache = the teacher's
+    assert [h["kd"] for h in cached.curves()] == pytest.approx([h["kd"] for h in live.curves()], rel=1e-5)
+    assert cached.settings["cache_top_k"] == 8192
+
+
+def test_distill_refuses_what_a_cache_cannot_do(zoo_caches, tmp_path):
+    from kdviz.train import distill
+
+    common = dict(steps=1, batch_size=4, eval_size=4, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="OKD adapts the teacher's final hidden state"):
+        distill(None, "zoo:student", "zoo:docstrings", teacher_cache=zoo_caches[32].folder, loss="okd", limit=24,
+                **common)
+    with pytest.raises(ValueError, match="holds other data"):
+        distill(None, "zoo:student", "zoo:docstrings", teacher_cache=zoo_caches[32].folder, loss="fkl", limit=20,
+                **common)
+    with pytest.raises(ValueError, match="at temperature 1.0, not 2.0"):
+        distill(None, "zoo:student", "zoo:docstrings", teacher_cache=zoo_caches[32].folder, loss="fkl", limit=24,
+                loss_params={"temperature": 2.0}, **common)
+
+
+def test_the_cli_distils_from_a_cache(zoo_caches, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher-cache", str(zoo_caches[32].folder), "--student", "zoo:student", "--data",
+                 "zoo:docstrings", "--limit", "24", "--loss", "atkd", "--steps", "2", "--batch-size", "4",
+                 "--eval-size", "4", "--out", str(out), "--device", "cpu"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["cache_top_k"] == 32 and "top-32 cache" in metrics["teacher"]
