@@ -437,7 +437,9 @@ def analyze(
     if top_k > pair.vocab_size:
         raise ValueError(f"top_k={top_k} exceeds the vocabulary size {pair.vocab_size}.")
     here = distributed.init(pair.device)
-    max_length = max_length or pair.max_length or DEFAULT_MAX_LENGTH
+    if max_length is not None:
+        check_count(max_length, "max_length", minimum=2)
+    max_length = min(max_length or 10**9, pair.max_length or DEFAULT_MAX_LENGTH)  # never past the models' context
     dataset = load_data(data, pair.tokenizer, max_length=max_length, limit=limit, template=template, **fields)
     if isinstance(pair, CachedPair):
         pair.cache.check(dataset, pair.tokenizer, temperature=temperature)

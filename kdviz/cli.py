@@ -57,6 +57,9 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
                         help="how records are formatted: chat (the tokenizer's chat template), alpaca (### Instruction "
                              "/ ### Response), plain, or auto (chat when the tokenizer has one; default)")
     parser.add_argument("--truncate", action="store_true", help="cut responses longer than the context")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="context to use, at most the models' (default: theirs); longer records are refused "
+                             "unless --truncate, the zoo's pair datasets leave them out")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N examples (reading stops there)")
 
 
@@ -198,6 +201,7 @@ def run_analyze(args) -> None:
     table = analyze(pair, source, k=args.k, split=args.split, batch_size=args.batch_size,
                     batch_tokens=args.batch_tokens, top_k=args.top_k, temperature=args.temperature, limit=args.limit,
                     template=args.template, truncate=args.truncate, cache=not args.no_cache, out=args.out,
+                    max_length=args.max_length,
                     part_tokens=args.part_tokens, lazy=True)
     if not distributed.world().is_main:
         return
@@ -256,7 +260,7 @@ def run_teacher_cache(args) -> None:
     source = read_data(args.data, limit=args.limit, **_fields(args))
     device = resolve_device(args.device)
     teacher, tokenizer = _load_one(args.teacher, device=device, dtype=default_dtype(device), trust_remote_code=False)
-    length = context_length(teacher) or 1024
+    length = min(context_length(teacher) or 1024, args.max_length or 10**9)
     if args.student:
         length = min(length, model_context(args.student) or length)
     dataset = tokenize(source, tokenizer, max_length=length, limit=args.limit, template=args.template,
@@ -337,7 +341,7 @@ def run_distill(args) -> None:
     if (args.teacher is None) == (args.teacher_cache is None):
         raise ValueError("Give the teacher as --teacher MODEL or --teacher-cache DIR (one of them).")
     result = distill(args.teacher, args.student, args.data, loss=args.loss, steps=args.steps, out_dir=args.out,
-                     teacher_cache=args.teacher_cache,
+                     teacher_cache=args.teacher_cache, max_length=args.max_length,
                      eval_size=args.eval_size, limit=args.limit, batch_size=args.batch_size, learning_rate=args.lr,
                      seed=args.seed, device=args.device, loss_params=_parse_params(args.param),
                      ce_weight=args.ce_weight, template=args.template, truncate=args.truncate,

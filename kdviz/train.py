@@ -711,11 +711,12 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
             truncate: bool = False, prompt_field: str | None = None, response_field: str | None = None,
             context_field: str | None = None, save_steps: int | None = None,
             resume_from_checkpoint: bool | str | None = None, teacher_cache: str | Path | None = None,
-            **config) -> DistillResult:
+            max_length: int | None = None, **config) -> DistillResult:
     """Distil `student` from `teacher` on `data` for `steps` steps and evaluate before and after.
 
     teacher/student: hub id, local folder or zoo name; data: anything `kdviz.data.load_data`
-    reads, with the same options (template, truncate, *_field, limit). `eval_size` examples
+    reads, with the same options (template, truncate, *_field, limit, max_length: the context
+    to use, at most the models'). `eval_size` examples
     (default: a fifth of the data, at most 32) are held out. Extra keyword arguments go to
     `DistillConfig` (e.g. loss_params={"lam": 0.2}, ce_weight=0.5, okd_rank=8,
     gradient_accumulation_steps=2). `batch_size` is per process. With `out_dir` the student
@@ -731,6 +732,8 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
     from kdviz.models import load_pair, resolve_device
 
     check_count(steps, "steps", minimum=1)
+    if max_length is not None:
+        check_count(max_length, "max_length", minimum=2)
     check_count(batch_size, "batch_size", minimum=1)
     check_template(template)
     for name, value in (("eval_size", eval_size), ("save_steps", save_steps)):
@@ -760,8 +763,8 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
     else:
         pair = load_pair(teacher, student, device=device)
     pair.student.float().requires_grad_(True)
-    dataset = tokenize(source, pair.tokenizer, max_length=pair.max_length or 1024, limit=limit, template=template,
-                       truncate=truncate)
+    context = min(pair.max_length or 1024, max_length or 10**9)
+    dataset = tokenize(source, pair.tokenizer, max_length=context, limit=limit, template=template, truncate=truncate)
     if teacher_cache is not None:
         pair.cache.check(dataset, pair.tokenizer, temperature=args.kd_loss().params["temperature"])
     train, evaluation = split_data(dataset, eval_size=eval_split_size(eval_size, len(dataset)), seed=seed)
