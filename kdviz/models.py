@@ -286,10 +286,16 @@ def model_logits(model, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 def output_head(model, vocab: int) -> tuple[Tensor, Tensor | None]:
-    """The LM head's weight [V, H] and bias [V] (or None), cut to the shared vocabulary."""
+    """The LM head's weight [V, H] and bias [V] (or None), cut to the shared vocabulary.
+
+    A head sharded by FSDP2 is gathered whole first (its gradient averaged back onto the
+    shards): cutting the sharded tensor would leave the gradient in another layout.
+    """
+    from kdviz.losses import gathered
+
     head = model.get_output_embeddings()
-    bias = getattr(head, "bias", None)
-    return head.weight[:vocab], None if bias is None else bias[:vocab]
+    weight, bias = gathered(head.weight), gathered(getattr(head, "bias", None))
+    return weight[:vocab], None if bias is None else bias[:vocab]
 
 
 def head_is_linear(model, input_ids: Tensor, hidden=final_hidden) -> bool:

@@ -44,7 +44,7 @@ from kdviz.distributed import barrier, broadcast
 from kdviz.files import check_writable, expand, staged_folder, write_text, write_with
 from kdviz.teacher_cache import CachedPair, TeacherCache, example_key
 from kdviz.losses import OBJECTIVES, TokenSplit, TopKRows, gathered, get_loss
-from kdviz.models import ModelPair, final_hidden, head_is_linear, model_logits
+from kdviz.models import ModelPair, final_hidden, head_is_linear, model_logits, output_head
 
 LOSSES = (*OBJECTIVES, "okd")
 ATKD_SPLITS = ("global", "micro_batch")
@@ -226,18 +226,6 @@ class _Window:
     world: int  # processes; DDP averages their gradients, so each one's loss is scaled by this
 
 
-def lm_head(model, vocab: int) -> tuple[Tensor, Tensor | None]:
-    """The LM head's weight [V, H] and bias [V] (or None) cut to the shared vocabulary, for the fused-linear loss.
-
-    Like `kdviz.models.output_head`, but a head sharded by FSDP2 is gathered whole before it is
-    cut: cutting the sharded tensor first would leave its gradient in another layout than its
-    shards'.
-    """
-    head = model.get_output_embeddings()
-    weight, bias = gathered(head.weight), gathered(getattr(head, "bias", None))
-    return weight[:vocab], None if bias is None else bias[:vocab]
-
-
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -378,7 +366,7 @@ class DistillTrainer(Trainer):
             return _Prepared(ids, None, cached.uncertainty(), cached=cached)
         if self.use_linear:
             hidden = final_hidden(self.teacher, ids, mask)[:, :-1]  # position t predicts label t + 1
-            head, bias = lm_head(self.teacher, self.vocab_size)
+            head, bias = output_head(self.teacher, self.vocab_size)
             scored = hidden if self.adapter is None else self._adapted(hidden)
             return _Prepared(ids, hidden, self.kd.uncertainty(scored, labels, teacher_head=head, teacher_bias=bias))
         logits = model_logits(self.teacher, ids, mask)[:, :-1, : self.vocab_size]  # not kept: [B, T, V] per micro-batch
@@ -400,7 +388,7 @@ class DistillTrainer(Trainer):
         with self._at_step():
             if prepared.cached is not None:
                 s_hidden = final_hidden(model, ids, mask)[:, :-1]  # position t predicts label t + 1
-                s_head, s_bias = lm_head(self.accelerator.unwrap_model(model), self.vocab_size)
+                s_head, s_bias = output_head(self.accelerator.unwrap_model(model), self.vocab_size)
                 parts, extra = self.kd.linear_cached(s_hidden, s_head, prepared.cached, labels,
                                                      ce_weight=self.args.ce_weight, student_bias=s_bias,
                                                      num_items=options["num_items"], split=options["split"]), 0.0
@@ -425,9 +413,9 @@ class DistillTrainer(Trainer):
 
     def _linear_parts(self, model, ids: Tensor, mask: Tensor, labels: Tensor, t_hidden: Tensor, options: dict):
         """(student LossParts, adapter loss or 0) from final hidden states and LM heads."""
-        t_head, t_bias = lm_head(self.teacher, self.vocab_size)
+        t_head, t_bias = output_head(self.teacher, self.vocab_size)
         s_hidden = final_hidden(model, ids, mask)[:, :-1]
-        s_head, s_bias = lm_head(self.accelerator.unwrap_model(model), self.vocab_size)
+        s_head, s_bias = output_head(self.accelerator.unwrap_model(model), self.vocab_size)
         extra = 0.0
         if self.adapter is not None:
             adapted = self._adapted(t_hidden)

@@ -170,13 +170,13 @@ def fsdp_heads(student_dir: str, out: str) -> None:
 
 def fused_linear_loss(student, teacher, batch: dict, loss_fn, vocab: int):
     from kdviz.models import final_hidden
-    from kdviz.train import lm_head
+    from kdviz.models import output_head
 
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"][:, 1:]
     with torch.no_grad():
         t_hidden = final_hidden(teacher, ids, mask)[:, :-1]
-    t_head, t_bias = lm_head(teacher, vocab)
-    s_head, s_bias = lm_head(student, vocab)
+    t_head, t_bias = output_head(teacher, vocab)
+    s_head, s_bias = output_head(student, vocab)
     return loss_fn.linear(final_hidden(student, ids, mask)[:, :-1], s_head, t_hidden, t_head, labels, ce_weight=0.5,
                           student_bias=s_bias, teacher_bias=t_bias).loss
 
