@@ -6,6 +6,7 @@ Notebooks 02 and 04 call these; each returns a polars DataFrame that the noteboo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import polars as pl
 
@@ -57,17 +58,45 @@ def _parameters(name: str) -> int | None:
 
 
 def teacher_size_study(teachers: list[str], student: str, data, *, losses=("fkl", "atkd"), steps: int = 50,
-                       callbacks=None, **distill_options) -> pl.DataFrame:
-    """Distil the student from each teacher with each loss (same seed and budget); one row per run."""
+                       callbacks=None, cache_dir: str | Path | None = None, top_k: int = 64,
+                       **distill_options) -> pl.DataFrame:
+    """Distil the student from each teacher with each loss (same seed and budget); one row per run.
+
+    With `cache_dir`, each teacher runs once: its top-k cache (`kdviz.teacher_cache`) is made
+    there (or reused) and every loss but OKD reads the teacher from it.
+    """
     from kdviz.train import distill
 
     rows = []
     for teacher in teachers:
+        cache = None if cache_dir is None else teacher_cache_for(teacher, student, data, cache_dir, top_k=top_k,
+                                                                 **distill_options)
         for loss in losses:
-            result = distill(teacher, student, data, loss=loss, steps=steps, callbacks=callbacks, **distill_options)
-            rows.append({**result.row(), "teacher_params": _parameters(teacher),
-                         "teacher_agreement_before": result.before.agreement})
+            cached = cache is not None and loss != "okd"
+            result = distill(None if cached else teacher, student, data, loss=loss, steps=steps, callbacks=callbacks,
+                             teacher_cache=cache if cached else None, **distill_options)
+            rows.append({**result.row(), "teacher": teacher, "teacher_params": _parameters(teacher),
+                         "teacher_agreement_before": result.before.agreement,
+                         "teacher_from": "cache" if cached else "live"})
     return pl.DataFrame(rows)
+
+
+def teacher_cache_for(teacher: str, student: str, data, folder: str | Path, *, top_k: int = 64, limit=None,
+                      template: str = "auto", max_length: int | None = None, **_) -> Path:
+    """A top-k cache of `teacher` on `data` in `folder` (tokenized for the pair), made once and reused."""
+    from kdviz import load_pair
+    from kdviz.data import load_data
+    from kdviz.teacher_cache import TeacherCache, build
+
+    pair = load_pair(teacher, student, device="cpu")
+    context = min(pair.max_length or 1024, max_length or 10**9)
+    dataset = load_data(data, pair.tokenizer, max_length=context, limit=limit, template=template)
+    path = Path(folder) / f"{teacher.replace(':', '-').replace('/', '-')}-{dataset.fingerprint[:8]}-k{top_k}"
+    if not (path / "meta.json").is_file():
+        build(pair.teacher, pair.tokenizer, dataset, path, top_k=top_k, teacher_name=teacher, max_length=context,
+              progress=False)
+    TeacherCache.open(path).check(dataset, pair.tokenizer)
+    return path
 
 
 def teacher_size_conclusion(runs: pl.DataFrame) -> str:

@@ -12,7 +12,8 @@ SMALL = {
     "01_token_inspector": {"limit": 4},
     "02_teaching_modes": {"teachers": ["zoo:teacher-s", "zoo:teacher-l"], "limit": 4},
     "03_distill": {"teachers": ["zoo:teacher-s"], "steps": 3, "limit": 24},
-    "04_teacher_size": {"teachers": ["zoo:teacher-s", "zoo:teacher-m"], "steps": 2, "limit": 24},
+    "04_teacher_size": {"teachers": ["zoo:teacher-s", "zoo:teacher-m"], "steps": 2, "limit": 24,
+                        "cache_dir": "{out_dir}/caches"},
     "05_workshop": {"student_target": 0.2},
 }
 
@@ -22,7 +23,9 @@ def run(name, tmp_path):
 
     out_dir = tmp_path / name
     papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(tmp_path / f"{name}.out.ipynb"),
-                               parameters={**SMALL[name], "out_dir": str(out_dir)}, kernel_name="python3",
+                               parameters={**{k: v.format(out_dir=out_dir) if isinstance(v, str) else v
+                                              for k, v in SMALL[name].items()}, "out_dir": str(out_dir)},
+                               kernel_name="python3",
                                cwd=str(tmp_path), progress_bar=False)
     return out_dir, nbformat.read(tmp_path / f"{name}.out.ipynb", as_version=4)
 
@@ -75,6 +78,7 @@ def test_teacher_size_notebook(tmp_path):
     out, _ = run("04_teacher_size", tmp_path)
     runs = pl.read_parquet(out / "runs.parquet")
     assert len(runs) == 4 and set(runs["loss"]) == {"fkl", "atkd"}
+    assert set(runs["teacher_from"]) == {"cache"} and len(list((out / "caches").glob("*/meta.json"))) == 2
     conclusion = (out / "conclusion.txt").read_text()
     best_fkl = runs.filter(pl.col("loss") == "fkl").sort("eval_loss")["teacher"][0]
     assert conclusion.startswith("With fkl:") and best_fkl in conclusion.splitlines()[0]
