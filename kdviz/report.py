@@ -11,6 +11,7 @@ import plotly.graph_objects as go
 import polars as pl
 
 from kdviz.analyze import TokenTable
+from kdviz.files import write_text
 
 GROUP_COLORS = {"hard": "#d62728", "easy": "#1f77b4"}
 MAX_SCATTER_POINTS = 4000
@@ -79,9 +80,7 @@ def worst_tokens_html(table: TokenTable, n: int = 20) -> str:
 
 
 def write_report(table: TokenTable, path: str | os.PathLike) -> Path:
-    """Write the summary, three figures and the worst tokens to one offline HTML file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the summary, three figures and the worst tokens to one offline HTML file (renamed into place)."""
     figures = [uncertainty_histogram(table), kl_parts_bar(table), uncertainty_dkd_scatter(table)]
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
     meta = table.meta
@@ -96,5 +95,4 @@ table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px}}
 {''.join(parts)}
 <h2>Tokens with the largest KL</h2>{worst_tokens_html(table)}
 </body></html>"""
-    path.write_text(body, encoding="utf-8")
-    return path
+    return write_text(path, body, what="report")

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 TEACHER = "zoo:smollm2-135m"
 STUDENT = "smollm2-student"

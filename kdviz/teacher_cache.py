@@ -236,7 +236,7 @@ def decompose_cached(cached: CachedRows, student_hidden: Tensor, student_head: T
     `labels` [B, T] in row-major order. u, TKD, the target log-probs and everything of the student are
     exact; DKD, KL, reverse KL and the teacher's entropy are those of the bucketed distributions
     (lower bounds). The teacher's rank of a target outside its cached top-k is -1 (unknown)."""
-    from kdviz.decompose import DEFAULT_CHUNK_ELEMENTS, TokenStats, _assemble, _chunk_stats, _HeadRows, _Workspace
+    from kdviz.decompose import DEFAULT_CHUNK_ELEMENTS, _assemble, _chunk_stats, _HeadRows, _Workspace
 
     vocab = student_head.shape[0]
     valid = labels != IGNORE_INDEX

@@ -43,7 +43,7 @@ from kdviz.decompose import check_count
 from kdviz.distributed import barrier, broadcast
 from kdviz.files import check_writable, expand, staged_folder, write_text, write_with
 from kdviz.teacher_cache import CachedPair, TeacherCache, example_key
-from kdviz.losses import OBJECTIVES, TokenSplit, TopKRows, gathered, get_loss
+from kdviz.losses import OBJECTIVES, TokenSplit, TopKRows, get_loss
 from kdviz.models import ModelPair, final_hidden, head_is_linear, model_logits, output_head
 
 LOSSES = (*OBJECTIVES, "okd")

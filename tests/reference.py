@@ -12,7 +12,7 @@ def reference_stats(teacher_logits, student_logits, labels, temperature=1.0):
     y = labels.clamp(min=0)[..., None]
     log_p, log_q = torch.log_softmax(z, -1), torch.log_softmax(s, -1)
     p, q = log_p.exp(), log_q.exp()
-    p_y, q_y = p.gather(-1, y).squeeze(-1), q.gather(-1, y).squeeze(-1)
+    p_y = p.gather(-1, y).squeeze(-1)
     not_y = torch.ones_like(p, dtype=torch.bool).scatter(-1, y, False)
     # non-target distributions, from log-softmax over the other columns
     log_p_hat = torch.log_softmax(z.masked_fill(~not_y, float("-inf")), -1)

@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import polars as pl
@@ -438,3 +437,20 @@ def test_distill_takes_the_data_options_and_limit_stops_reading(model_dirs, tmp_
     assert metrics["settings"]["train_examples"] + metrics["settings"]["eval_examples"] == 10
     assert metrics["settings"]["template"] == "plain"
     assert not [p for p in out.iterdir() if p.name.startswith(".kdviz-tmp")]
+
+
+def test_a_report_that_fails_half_way_leaves_the_old_report(table_and_path, tmp_path, monkeypatch):
+    from kdviz import report
+
+    table, _ = table_and_path
+    target = tmp_path / "report.html"
+    target.write_text("the good report")
+
+    def disk_full(self, data, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    with pytest.raises(ValueError, match="Could not write the report .*No space left on device.*unchanged"):
+        report.write_report(table, target)
+    monkeypatch.undo()
+    assert target.read_text() == "the good report"

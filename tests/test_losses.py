@@ -150,7 +150,6 @@ def make_hidden(batch=3, seq=7, vocab=41, h_student=5, h_teacher=9, seed=0):
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_linear_path_matches_plain_autograd_on_full_logits(name, params, with_bias):
     s_hidden, s_head, s_bias, t_hidden, t_head, labels = make_hidden(seed=len(name))
-    bias = s_bias if with_bias else None
     ce_weight = 0.5
 
     def leaves():

@@ -6,9 +6,7 @@ per cache folder (about 30 s on 2 cores).
 """
 
 import importlib.util
-import shutil
 
-import polars as pl
 import pytest
 import torch
 

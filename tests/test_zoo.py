@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from kdviz import load_pair, zoo
 from kdviz.corpus import Corpus
