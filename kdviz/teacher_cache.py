@@ -1,15 +1,16 @@
 """Teacher top-k cache: run the teacher once, then distil and analyse from disk as often as you like.
 
 Per target token the cache holds the teacher's top-k token ids and log-probabilities, the
-log-probability of the target (also when it is not in the top-k) and the log-sum-exp of
-the logits, with the fingerprints of the teacher (every weight), the tokenizer, the data and
+log-probability of the target (also when it is not in the top-k) and the log-probability of
+the tail (everything else), with the fingerprints of the teacher (every weight), the tokenizer, the data and
 the template. Arrays are .npy files read memory-mapped; at k=64 with a vocabulary under
 65,536 a token costs 2*64 (ids) + 4*64 (log-probs) + 4 + 4 = 392 bytes.
 
 What is exact from a cache, what is not (DESIGN.md): u = 1 - p_y and TKD are exact at any k.
 DKD and KL see the teacher's top-k entries and one tail bucket holding the rest of the
-non-target mass, on both sides: p_tail = 1 - p_y - sum(top-k non-target p), q_tail likewise
-from the live student. By the log-sum inequality the bucketed KL (and DKD) is a lower bound
+non-target mass, on both sides: p_tail summed by the teacher in log space when the cache is
+made (where the tail needs it: 1 - p_y - sum(top-k p) cancels to 0 in float32 for a confident
+teacher, which would make reverse KL infinite), q_tail from the live student. By the log-sum inequality the bucketed KL (and DKD) is a lower bound
 of the true one, equal to it when k covers the vocabulary. A loss on the bucketed
 distributions sends the tail bucket's gradient to the tail entries in proportion to q.
 
@@ -17,9 +18,8 @@ distributions sends the tail bucket's gradient to the tail entries in proportion
 >>> log_q = torch.log_softmax(torch.randn(2, 10), -1)
 >>> log_p = torch.log_softmax(torch.randn(2, 10), -1)
 >>> y = torch.tensor([3, 7])
->>> ids, logprobs = log_p.topk(10, dim=1)[1], log_p.topk(10, dim=1)[0]
->>> from kdviz.losses import bucketed
->>> p_b, q_b = bucketed(log_q, ids, logprobs, log_p.gather(1, y[:, None])[:, 0], y)
+>>> from kdviz.losses import TopKRows, bucketed
+>>> p_b, q_b = bucketed(log_q, TopKRows.from_log_probs(log_p, y, k=10), y)
 >>> kl = (p_b.exp() * (p_b - q_b)).nan_to_num().sum(-1)
 >>> bool(torch.allclose(kl, (log_p.exp() * (log_p - log_q)).sum(-1), atol=1e-5))  # k = V: exact
 True
@@ -43,8 +43,9 @@ from kdviz.decompose import check_count, check_temperature
 from kdviz.files import expand, new_folder
 from kdviz.losses import TopKRows, bucketed
 
-ARRAYS = ("ids", "logprobs", "target_logp", "lse", "offsets", "keys")
-FORMAT = 1
+PER_TOKEN = ("ids", "logprobs", "target_logp", "tail_logp")
+ARRAYS = (*PER_TOKEN, "offsets", "keys")
+FORMAT = 2  # 2: the tail's log-probability instead of the log-sum-exp
 NEG_INF = float("-inf")
 
 
@@ -75,14 +76,14 @@ class CachedRows:
     ids: Tensor
     logprobs: Tensor
     target_logp: Tensor
-    lse: Tensor
+    tail_logp: Tensor
 
     def to(self, device) -> "CachedRows":
-        return CachedRows(*(t.to(device) for t in (self.ids, self.logprobs, self.target_logp, self.lse)))
+        return CachedRows(*(t.to(device) for t in self.topk()))
 
     def topk(self) -> TopKRows:
         """The teacher as the losses read it."""
-        return TopKRows(self.ids, self.logprobs, self.target_logp)
+        return TopKRows(self.ids, self.logprobs, self.target_logp, self.tail_logp)
 
 
 @dataclass
@@ -100,6 +101,9 @@ class TeacherCache:
             raise ValueError(f"{folder} is not a teacher cache (no meta.json); make one with `kdviz teacher-cache "
                              "--teacher T --data D --out DIR`.")
         meta = json.loads((folder / "meta.json").read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"The teacher cache {folder} has format {meta.get('format')}, this kdviz reads format "
+                             f"{FORMAT}; make it again with `kdviz teacher-cache`.")
         try:
             arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
         except (OSError, ValueError) as err:
@@ -116,7 +120,7 @@ class TeacherCache:
 
     @property
     def bytes_per_token(self) -> float:
-        return sum(self.arrays[n].nbytes for n in ("ids", "logprobs", "target_logp", "lse")) / max(1, len(self.arrays["lse"]))
+        return sum(self.arrays[n].nbytes for n in PER_TOKEN) / max(1, len(self.arrays["target_logp"]))
 
     def check(self, dataset: TokenDataset, tokenizer, *, temperature: float = 1.0) -> None:
         """ValueError saying why this cache does not belong to `dataset` / `tokenizer` / `temperature`."""
@@ -156,7 +160,7 @@ class TeacherCache:
         spans = [np.arange(offsets[i], offsets[i + 1]) for i in examples]
         index = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
         pick = lambda name: torch.from_numpy(np.ascontiguousarray(self.arrays[name][index]))  # noqa: E731
-        return CachedRows(pick("ids").long(), pick("logprobs"), pick("target_logp"), pick("lse"))
+        return CachedRows(pick("ids").long(), pick("logprobs"), pick("target_logp"), pick("tail_logp"))
 
 
 def build(teacher, tokenizer, dataset: TokenDataset, out: str | os.PathLike, *, top_k: int = 64,
@@ -188,7 +192,7 @@ def build(teacher, tokenizer, dataset: TokenDataset, out: str | os.PathLike, *, 
         arrays = {"ids": np.lib.format.open_memmap(stage / "ids.npy", "w+", id_type, (total, top_k)),
                   "logprobs": np.lib.format.open_memmap(stage / "logprobs.npy", "w+", np.float32, (total, top_k)),
                   "target_logp": np.lib.format.open_memmap(stage / "target_logp.npy", "w+", np.float32, (total,)),
-                  "lse": np.lib.format.open_memmap(stage / "lse.npy", "w+", np.float32, (total,))}
+                  "tail_logp": np.lib.format.open_memmap(stage / "tail_logp.npy", "w+", np.float32, (total,))}
         np.save(stage / "offsets.npy", offsets)
         np.save(stage / "keys.npy", np.array([example_key(ex) for ex in dataset], dtype=np.int64))
         lengths = [len(ex.input_ids) for ex in dataset]
@@ -200,8 +204,7 @@ def build(teacher, tokenizer, dataset: TokenDataset, out: str | os.PathLike, *, 
         for array in arrays.values():
             array.flush()
         del arrays
-        per_token = ("ids", "logprobs", "target_logp", "lse")
-        meta["bytes_per_token"] = sum((stage / f"{n}.npy").stat().st_size for n in per_token) / max(1, total)
+        meta["bytes_per_token"] = sum((stage / f"{n}.npy").stat().st_size for n in PER_TOKEN) / max(1, total)
         (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return TeacherCache.open(out)
 
@@ -219,14 +222,10 @@ def _cache_batch(teacher, tokenizer, dataset, batch, head, bias, temperature, ar
             continue
         targets = torch.tensor([dataset[index].input_ids[p + 1] for p in positions], device=device)
         logits = torch.nn.functional.linear(hidden[row, positions], head, bias).float() / temperature  # (n, V)
-        lse = torch.logsumexp(logits, -1)
-        log_p = logits - lse[:, None]
-        top = log_p.topk(arrays["ids"].shape[1], dim=1)
+        rows = TopKRows.from_log_probs(torch.log_softmax(logits, -1), targets, arrays["ids"].shape[1])
         span = slice(int(offsets[index]), int(offsets[index + 1]))
-        arrays["ids"][span] = top.indices.cpu().numpy()
-        arrays["logprobs"][span] = top.values.cpu().numpy()
-        arrays["target_logp"][span] = log_p.gather(1, targets[:, None])[:, 0].cpu().numpy()
-        arrays["lse"][span] = lse.cpu().numpy()
+        for name, values in zip(PER_TOKEN, rows):
+            arrays[name][span] = values.cpu().numpy()
 
 
 @torch.no_grad()
@@ -254,8 +253,9 @@ def decompose_cached(cached: CachedRows, student_hidden: Tensor, student_head: T
         y = y_flat[rows[span]]
         logits = student.load(rows[span], full.take("s", len(y)))  # (C, V) fp32
         out = _student_side(logits, y, top_k)
-        ids, logprobs = cached.ids[span], cached.logprobs[span]
-        log_p_b, log_q_b = bucketed(out.pop("log_q"), ids, logprobs, cached.target_logp[span], y)
+        teacher = cached.topk()[span]
+        ids, logprobs = teacher.ids, teacher.logprobs
+        log_p_b, log_q_b = bucketed(out.pop("log_q"), teacher, y)
         buckets = _chunk_stats(small.take("z", len(y)).copy_(log_p_b), small.take("s", len(y)).copy_(log_q_b),
                                torch.zeros_like(y), 1.0, 0, small)
         out.update({k: buckets[k] for k in ("unc", "tkd", "dkd", "kl", "rkl", "t_entropy", "t_logp")})

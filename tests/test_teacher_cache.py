@@ -10,7 +10,7 @@ from kdviz import analyze
 from kdviz.cli import main
 from kdviz.data import load_data
 from kdviz.decompose import SCALAR_FIELDS
-from kdviz.losses import bucketed
+from kdviz.losses import TopKRows, bucketed
 from kdviz.teacher_cache import TeacherCache, build, load_cached_pair
 
 RECORDS = [{"instruction": f"Say {i}", "input": "", "output": "the student learns " * (1 + i % 3)}
@@ -42,6 +42,10 @@ def test_the_cache_stores_each_target_tokens_top_k_and_target_log_prob(pair, dat
     targets = torch.tensor([example.input_ids[p + 1] for p in positions])
     torch.testing.assert_close(rows.target_logp.double(), log_p[positions, targets], rtol=1e-5, atol=1e-5)
     assert cache.meta["tokens"] == data.n_targets and cache.meta["template"] == data.template
+    rest = torch.ones_like(log_p[positions], dtype=torch.bool).scatter_(1, top.indices, False)
+    rest[torch.arange(len(targets)), targets] = False
+    tail = torch.logsumexp(log_p[positions].masked_fill(~rest, float("-inf")), 1)
+    torch.testing.assert_close(rows.tail_logp.double(), tail, rtol=1e-5, atol=1e-5)
 
 
 def test_bytes_per_token_at_k_64_is_under_400(pair, data, tmp_path):
@@ -84,8 +88,7 @@ def test_bucketed_distributions_sum_to_one_and_keep_gradients_finite():
     y = torch.tensor([0, 5, 9, 29, 3])
     for k in (1, 7, 30):
         log_q = torch.log_softmax(logits, -1)
-        top = log_p.topk(k, dim=1)
-        p_b, q_b = bucketed(log_q, top.indices, top.values, log_p.gather(1, y[:, None])[:, 0], y)
+        p_b, q_b = bucketed(log_q, TopKRows.from_log_probs(log_p, y, k), y)
         torch.testing.assert_close(p_b.exp().sum(1), torch.ones(5), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(q_b.exp().sum(1), torch.ones(5), rtol=1e-5, atol=1e-5)
         kl = torch.where(p_b > float("-inf"), p_b.exp() * (p_b - q_b), 0.0).sum()
@@ -146,19 +149,37 @@ def test_the_cached_loss_at_k_equal_to_v_is_the_live_loss_values_and_gradients(n
     live_grads = torch.autograd.grad(live.loss, (s_hidden, s_head))
     log_p = torch.log_softmax(t_hidden @ t_head.T, -1)[labels != -100]  # the cache's rows, in order
     y = labels[labels != -100]
-    top = log_p.topk(23, dim=1)
-    cached = loss_fn.linear_cached(s_hidden, s_head, TopKRows(top.indices, top.values, log_p.gather(1, y[:, None])[:, 0]),
-                                   labels, ce_weight=0.5)
+    cached = loss_fn.linear_cached(s_hidden, s_head, TopKRows.from_log_probs(log_p, y, 23), labels, ce_weight=0.5)
     cached_grads = torch.autograd.grad(cached.loss, (s_hidden, s_head))
     torch.testing.assert_close(cached.loss, live.loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(cached_grads, live_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(cached.unc, live.unc)  # u exact
-    small = log_p.topk(3, dim=1)
-    lower = loss_fn.linear_cached(s_hidden, s_head, TopKRows(small.indices, small.values,
-                                                             log_p.gather(1, y[:, None])[:, 0]), labels)
+    lower = loss_fn.linear_cached(s_hidden, s_head, TopKRows.from_log_probs(log_p, y, 3), labels)
     if name == "fkl":
         assert float(lower.kd) < float(live.kd)  # a lower bound (log-sum inequality), here strictly
+
+
+@pytest.mark.parametrize("name,params", [("rkl", {}), ("atkd", {"base": "rkl"}), ("fkl", {})])
+def test_a_confident_teacher_keeps_its_tail_and_every_cached_loss_finite(name, params):
+    """p_y rounds to 1 in float32: 1 - p_y - sum(top-k p) is 0 there, the tail's log-probability is not."""
+    from kdviz.losses import TopKRows, get_loss
+
+    torch.manual_seed(1)
+    s_hidden, s_head = torch.randn(1, 5, 8, requires_grad=True), torch.randn(40, 8, requires_grad=True)
+    labels = torch.randint(40, (1, 5))
+    t_logits = torch.randn(5, 40)
+    t_logits[torch.arange(5), labels[0]] = 40.0  # p_y = 1 - 1e-16
+    log_p = torch.log_softmax(t_logits, -1)
+    assert bool((log_p.gather(1, labels[0][:, None]) == 0).all())  # float32 says p_y = 1
+    rows = TopKRows.from_log_probs(log_p, labels[0], 4)
+    assert bool(torch.isfinite(rows.tail_logp).all()) and float(rows.tail_logp.max()) < -30
+    loss_fn = get_loss(name, chunk_rows=2, **params)
+    cached = loss_fn.linear_cached(s_hidden, s_head, rows, labels)
+    (grad,) = torch.autograd.grad(cached.loss, s_hidden)
+    assert torch.isfinite(cached.loss) and torch.isfinite(grad).all()
+    full = loss_fn.linear_cached(s_hidden, s_head, TopKRows.from_log_probs(log_p, labels[0], 40), labels)
+    assert float(cached.loss.detach()) <= float(full.loss.detach()) + 1e-5  # still a lower bound of the exact (k = V) loss
 
 
 @pytest.fixture(scope="module")
