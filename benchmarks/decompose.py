@@ -35,10 +35,14 @@ def run_worker(script: str, task: str, options: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def write_json(path: str, result: dict) -> None:
+def write_json(path: str, result: dict, *, quiet: bool = False) -> None:
+    """Write `result` to `path` by rename (an interrupted benchmark never leaves half a file)."""
+    from kdviz.files import write_with
+
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"  written to {path}")
+    write_with(path, lambda temp: temp.write_text(json.dumps(result, indent=2) + "\n"), what="benchmark result")
+    if not quiet:
+        print(f"  written to {path}")
 
 
 def make_inputs(rows: int, vocab: int, dtype: torch.dtype, device: str):

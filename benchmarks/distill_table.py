@@ -64,12 +64,14 @@ def main() -> None:
             print(f"seed {seed} {loss:>6}: eval loss {result.before.loss:.3f} -> {result.after.loss:.3f}  agreement "
                   f"{result.after.agreement:.3f}  ROUGE-L {result.after.rouge_l:.3f}  {result.train_seconds:.0f} s",
                   flush=True)
-    runs = pl.DataFrame(rows)
-    write_json(args.out, {"teacher": args.teacher, "student": args.student, "data": args.data, "steps": args.steps,
-                          "teacher_cache": args.teacher_cache, "max_length": args.max_length,
-                          "batch_size": args.batch_size, "seeds": args.seeds, "threads": torch.get_num_threads(),
-                          "machine": platform.processor() or platform.machine(), "runs": rows})
-    print(markdown_table(runs))
+            # after every run, so an interrupted sweep keeps what it finished
+            write_json(args.out, {"teacher": args.teacher, "student": args.student, "data": args.data,
+                                  "steps": args.steps, "teacher_cache": args.teacher_cache,
+                                  "max_length": args.max_length, "batch_size": args.batch_size, "seeds": args.seeds,
+                                  "threads": torch.get_num_threads(),
+                                  "machine": platform.processor() or platform.machine(), "runs": rows}, quiet=True)
+    print(f"  written to {args.out}")
+    print(markdown_table(pl.DataFrame(rows)))
 
 
 REAL_TEACHER, REAL_STUDENT = "zoo:smollm2-135m", "zoo:smollm2-student"
