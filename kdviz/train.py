@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections import deque
@@ -729,7 +731,8 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
             check_count(value, name, minimum=1)
     device = resolve_device(device)
     saving = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {}
-    args = DistillConfig(output_dir=str(out_dir or Path.cwd() / "kdviz-out" / "distill"), loss=loss, max_steps=steps,
+    scratch = None if out_dir else tempfile.mkdtemp(prefix="kdviz-distill-")  # the Trainer wants a folder; not cwd
+    args = DistillConfig(output_dir=str(out_dir or scratch), loss=loss, max_steps=steps,
                          per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
                          learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
                          logging_steps=max(1, steps // 50), seed=seed, disable_tqdm=not progress,
@@ -792,4 +795,6 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
     if out_dir:
         pair.student.eval()
         _save_run(trainer, result, out_dir)
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)
     return result

@@ -163,6 +163,14 @@ def test_distill_saves_a_loadable_student_and_metrics(model_dirs, tmp_path):
     assert pair.vocab_size == len(pair.tokenizer)
 
 
+def test_distill_without_out_dir_writes_nothing_where_it_runs(model_dirs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # once made ./kdviz-out/distill in whatever folder a notebook ran in
+    result = distill(model_dirs["teacher"], model_dirs["student"], RECORDS * 2, loss="fkl", steps=1, eval_size=4,
+                     batch_size=4, device="cpu", progress=False, eval_generate_examples=0)
+    assert result.steps_done == 1 and result.out_dir is None
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_distill_runs_and_reports(model_dirs, tmp_path):
     out = tmp_path / "cli-run"
     data = tmp_path / "train.jsonl"
