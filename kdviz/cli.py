@@ -359,7 +359,9 @@ def run_distill(args) -> None:
         raise SystemExit(130)
     rouge = {name: "n/a" if r.rouge_l is None else f"{r.rouge_l:.3f}" for name, r in
              (("before", result.before), ("after", result.after))}
-    print(f"\n{args.loss} on {result.settings['data']}: {args.steps} steps in {result.train_seconds:.0f} s")
+    start = result.settings["resumed_from_step"]
+    done = f"steps {start + 1}-{args.steps} (resumed from checkpoint-{start})" if start else f"{args.steps} steps"
+    print(f"\n{args.loss} on {result.settings['data']}: {done} in {result.train_seconds:.0f} s")
     print(f"{'':8}{'eval loss':>10}{'agreement':>11}{'ROUGE-L':>9}")
     for name, r in (("before", result.before), ("after", result.after)):
         print(f"{name:8}{r.loss:>10.3f}{r.agreement:>11.3f}{rouge[name]:>9}")

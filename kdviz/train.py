@@ -634,6 +634,11 @@ def checkpoints(out_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a Trainer checkpoint was written at."""
+    return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+
+
 def resume_point(out_dir: str | Path | None, resume: bool | str, args: DistillConfig) -> Path:
     """The checkpoint to continue (`resume`: True for the latest in `out_dir`, or a path), checked against `args`."""
     if out_dir is None:
@@ -781,7 +786,8 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
                 "learning_rate": learning_rate, "seed": seed, "train_examples": len(train),
                 "eval_examples": len(evaluation), "data": dataset.description, "template": dataset.template,
                 "fused_linear": trainer.use_linear, **run["layout"], "global_batch": run["global_batch"],
-                "atkd_split": args.atkd_split, "keep_dropout": args.keep_dropout}
+                "atkd_split": args.atkd_split, "keep_dropout": args.keep_dropout,
+                "resumed_from_step": checkpoint_step(checkpoint) if checkpoint else None}
     if loss == "okd":
         settings.update(okd_base=args.okd_base, okd_rank=args.okd_rank, okd_pull=args.okd_pull,
                         adapter_parameters=sum(p.numel() for p in trainer.adapter.parameters()))

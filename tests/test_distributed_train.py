@@ -254,6 +254,8 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_resuming_finishes(mode
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = json.loads((out / "metrics.json").read_text())
     assert not final["interrupted"] and final["steps_done"] == 60 and final["after"] is not None
+    start = final["settings"]["resumed_from_step"]
+    assert start == metrics["steps_done"] and f"steps {start + 1}-60 (resumed from checkpoint-{start}) in" in resumed.stdout
     assert final["before"] == metrics["before"]  # measured once, at the start
     assert [entry["step"] for entry in final["history"] if "kd" in entry] == list(range(1, 61))
 
