@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,8 @@ from tqdm.auto import tqdm
 from kdviz import distributed
 from kdviz.data import IGNORE_INDEX, TokenDataset, check_template, collate, load_data, pad_id
 from kdviz.decompose import SCALAR_FIELDS, check_count, check_temperature, decompose, decompose_hidden
-from kdviz.files import cache_root, check_writable, expand, move_aside, warn, write_with
+from kdviz.files import (TEMP_MARK, cache_root, check_distinct, check_writable, expand, file_digest, move_aside,
+                         warn, write_text, write_with)
 from kdviz.models import ModelPair, last_hidden, output_head
 from kdviz.teacher_cache import CachedPair, decompose_cached
 
@@ -206,11 +208,14 @@ class Part:
         return f"part-{self.start:010d}-{self.end:010d}.parquet"
 
 
-def plan_parts(lengths: list[int], part_tokens: int) -> list[Part]:
-    """Cut the examples (in data order) into parts of about `part_tokens` tokens (at least one example each)."""
+def plan_parts(lengths: list[int], part_tokens: int, rows_per_example: list[int] | None = None) -> list[Part]:
+    """Cut the examples (in data order) into parts of about `part_tokens` tokens (at least one example each).
+
+    `rows_per_example`: table rows each example gives (default: one per position after the first)."""
+    rows_per_example = rows_per_example or [length - 1 for length in lengths]
     parts, start, tokens, rows = [], 0, 0, 0
     for i, length in enumerate(lengths):
-        tokens, rows = tokens + length, rows + length - 1
+        tokens, rows = tokens + length, rows + rows_per_example[i]
         if tokens >= part_tokens or i == len(lengths) - 1:
             parts.append(Part(start, i + 1, rows))
             start, tokens, rows = i + 1, 0, 0
@@ -320,7 +325,7 @@ def _part_is_done(path: Path, part: Part, key: str) -> bool:
         return False
     try:
         meta = json.loads(pl.read_parquet_metadata(path).get(META_KEY, "{}"))
-        rows = int(pl.scan_parquet(path).select(pl.len()).collect().item())
+        rows = pl.read_parquet(path).height  # every page decoded: a damaged part is found here, not in the merge
     except Exception as err:
         move_aside(path, f"{type(err).__name__}: {err}")
         return False
@@ -349,6 +354,61 @@ def merge_parts(files: list[Path], out: Path, *, k: float, split: str, batch_siz
     rows = int(scan.select(pl.len()).collect().item())
     return write_with(out, lambda temp: table.sink_parquet(temp, metadata={META_KEY: json.dumps({**meta, "rows": rows})}),
                       what="token table")
+
+
+def _digest_path(entry: Path) -> Path:
+    return entry.with_name(f"{entry.name}.xxh3")
+
+
+def _seal(entry: Path) -> None:
+    """Record the finished cache entry's checksum beside it (written last: an entry without one is incomplete)."""
+    write_text(_digest_path(entry), file_digest(entry) + "\n", what="cache checksum")
+
+
+def _cached_table(entry: Path, rows: int, *, lazy: bool) -> TokenTable | None:
+    """The finished cache entry, or None; a damaged, incomplete or mismatched one is moved aside (a warning)."""
+    if not entry.is_file():
+        return None
+    try:
+        sealed = _digest_path(entry).read_text().strip() if _digest_path(entry).is_file() else None
+        if sealed != file_digest(entry):  # any damaged byte, whether or not polars would notice it
+            raise ValueError("its checksum does not match: the file is damaged or was not finished" if sealed else
+                             "it has no checksum: it was not finished")
+        table = TokenTable.load(entry, lazy=lazy)
+        if len(table) != rows:
+            raise ValueError(f"it holds {len(table)} rows, not the {rows} this data gives")
+        return table
+    except (ValueError, OSError) as err:
+        move_aside(entry, str(err))
+        _digest_path(entry).unlink(missing_ok=True)
+        return None
+
+
+@contextmanager
+def _entry_lock(root: Path, key: str, *, enabled: bool):
+    """Hold `root/key.lock` while this process looks up or computes the entry: a second run of the same
+    analysis waits for the first and reuses its result. No lock where the cache cannot be written."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        enabled = False
+    if enabled:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            handle = open(root / f"{key}.lock", "a")
+        except OSError:
+            enabled = False
+    if not enabled:
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"analyze: another run is computing this same table ({root / key}.*); waiting for it to finish "
+                  "to reuse its result", file=sys.stderr)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield  # the lock goes with the file's closing
 
 
 def _key(*parts) -> str:
@@ -434,6 +494,10 @@ def analyze(
     check_options(k=k, split=split, batch_size=batch_size, batch_tokens=batch_tokens, top_k=top_k,
                   temperature=temperature, template=template, padding_side=padding_side)
     check_count(part_tokens, "part_tokens", minimum=1)
+    if out is not None:
+        if isinstance(data, (str, os.PathLike)) and not str(data).startswith("zoo:") and "\n" not in str(data):
+            check_distinct({"data": data, "out": out})
+        check_writable(out, what="out file")
     if top_k > pair.vocab_size:
         raise ValueError(f"top_k={top_k} exceeds the vocabulary size {pair.vocab_size}.")
     here = distributed.init(pair.device)
@@ -443,7 +507,10 @@ def analyze(
     dataset = load_data(data, pair.tokenizer, max_length=max_length, limit=limit, template=template, **fields)
     if isinstance(pair, CachedPair):
         pair.cache.check(dataset, pair.tokenizer, temperature=temperature)
-        top_k = min(top_k, pair.cache.top_k)  # the teacher's top-k columns cannot hold more than the cache
+        if top_k > pair.cache.top_k:
+            warn(f"top_k={top_k} is more than the teacher cache holds; the top-k columns keep its "
+                 f"{pair.cache.top_k}.")
+            top_k = pair.cache.top_k
     s = _Settings(top_k, float(temperature), padding_side, batch_size, batch_tokens)
     part_key = _key(pair.fingerprint, dataset.fingerprint, top_k, float(temperature), TABLE_FORMAT)
     settings = {"k": k, "split": split, "top_k": top_k, "temperature": temperature,
@@ -454,38 +521,61 @@ def analyze(
             "format": TABLE_FORMAT}
     root = expand(cache_dir) / "analyze" if cache_dir else cache_root() / "analyze"
     entry = root / f"{key}.parquet"
-    if cache and entry.is_file():
-        try:
-            table = TokenTable.load(entry, lazy=lazy)
-            if len(table) == sum(len(ex.input_ids) - 1 for ex in dataset):
-                return _deliver(table, entry, out)
-            move_aside(entry, f"it holds {len(table)} rows, not the {sum(len(ex.input_ids) - 1 for ex in dataset)} "
-                              "this data gives")
-        except ValueError as err:
-            move_aside(entry, str(err))
+    rows = _table_rows(pair, dataset)
+    with _entry_lock(root, key, enabled=cache and here.is_main):  # rank 0 decides; the others follow
+        found = _cached_table(entry, sum(rows), lazy=lazy) if cache and here.is_main else None
+        if distributed.broadcast(found is not None):
+            return _deliver(found if here.is_main else TokenTable.load(entry, lazy=lazy), entry, out)
+        return _compute(pair, dataset, rows, root, key, part_key, s, here, cache=cache, entry=entry, out=out,
+                        lazy=lazy, part_tokens=part_tokens, progress=progress,
+                        merge=dict(k=k, split=split, batch_size=batch_size, meta=meta))
+
+
+def _table_rows(pair: ModelPair | CachedPair, dataset: TokenDataset) -> list[int]:
+    """Rows each example gives: one per predicted position, or per target token when the teacher is cached."""
+    if isinstance(pair, CachedPair):
+        return [sum(label != IGNORE_INDEX for label in ex.labels[1:]) for ex in dataset]
+    return [len(ex.input_ids) - 1 for ex in dataset]
+
+
+def _compute(pair, dataset, rows, root, key, part_key, s, here, *, cache, entry, out, lazy, part_tokens, progress,
+             merge) -> TokenTable:
+    """Analyse the parts not finished yet, merge them into the cache entry (or `out`) and open the table."""
     work, cacheable = _work_folder(root, key, here)
     if not cache and here.is_main and work.exists():
         shutil.rmtree(work)  # recompute from scratch
     distributed.barrier()
-    parts = plan_parts([len(ex.input_ids) for ex in dataset], part_tokens)
-    _run_parts(pair, dataset, parts, work, part_key, s, here, progress=progress)
-    distributed.barrier()
-    final = entry if cacheable and cache else (expand(out) if out is not None else work / "table.parquet")
-    if here.is_main:
-        final = _merge(work, parts, final, out, k=k, split=split, batch_size=batch_size, meta=meta)
-    final = distributed.broadcast(final)
-    table = _deliver(TokenTable.load(final, lazy=lazy), final, out)  # eager tables are read in full here
+    parts = plan_parts([len(ex.input_ids) for ex in dataset], part_tokens, rows)
+    spare = _spare_folder(out) if here.size == 1 and cacheable else None
+    try:
+        files = _run_parts(pair, dataset, parts, work, part_key, s, here, spare=spare, progress=progress)
+        distributed.barrier()
+        final = entry if cacheable and cache else (expand(out) if out is not None else work / "table.parquet")
+        if here.is_main:
+            final = _merge(files, final, out, work=work, seal=final == entry, **merge)
+        final = distributed.broadcast(final)
+        table = _deliver(TokenTable.load(final, lazy=lazy), final, out)  # eager tables are read in full here
+    finally:
+        if spare is not None:
+            shutil.rmtree(spare, ignore_errors=True)
     distributed.barrier()
     if here.is_main and (final.parent != work or not lazy):
         shutil.rmtree(work, ignore_errors=True)
     return table
 
 
-def _merge(work: Path, parts: list[Part], final: Path, out, **options) -> Path:
-    """Merge into `final` (the cache entry); if that cannot be written, into `out` instead (a warning)."""
-    files = [work / p.name for p in parts]
+def _spare_folder(out) -> Path | None:
+    """Where parts go if the cache's disk fills up mid-run (beside `out`; made only when needed)."""
+    return None if out is None else expand(out).with_name(f"{expand(out).name}{TEMP_MARK}parts-{os.getpid()}")
+
+
+def _merge(files: list[Path], final: Path, out, *, work: Path, seal: bool, **options) -> Path:
+    """Merge into `final` (the cache entry: `seal` it); if that cannot be written, into `out` instead (a warning)."""
     try:
-        return merge_parts(files, final, **options)
+        merged = merge_parts(files, final, **options)
+        if seal:
+            _seal(merged)
+        return merged
     except ValueError as err:
         if out is None or expand(out) == final:
             raise ValueError(f"{err} The finished parts in {work} are kept: run the same command again to finish "
@@ -495,8 +585,11 @@ def _merge(work: Path, parts: list[Part], final: Path, out, **options) -> Path:
 
 
 def _run_parts(pair: ModelPair, dataset: TokenDataset, parts: list[Part], work: Path, key: str, s: _Settings,
-               here: distributed.World, *, progress: bool) -> None:
-    """Compute this rank's parts that are not finished yet, each written to `work` as soon as it is done."""
+               here: distributed.World, *, spare: Path | None, progress: bool) -> list[Path]:
+    """Compute this rank's parts that are not finished yet, each written to `work` as soon as it is done.
+
+    If a part cannot be written there (a full disk) and `spare` is given, it and the rest go to
+    `spare` instead (a warning). Returns every part's file, in order."""
     if here.is_main:  # one process checks the files there (and moves broken ones aside)
         for part in parts:
             _part_is_done(work / part.name, part, key)
@@ -511,16 +604,24 @@ def _run_parts(pair: ModelPair, dataset: TokenDataset, parts: list[Part], work: 
     texts = _TokenTexts(pair.tokenizer)
     bar = tqdm(total=tokens(mine), desc="analyze" if here.size == 1 else f"analyze rank {here.rank}", unit="tok",
                unit_scale=True, disable=not progress or not mine, position=here.rank)
+    files, folder = {p.name: work / p.name for p in parts}, work
     for part in mine:
         df = _part_frame(pair, dataset, part, s, texts, bar.update)
         part_meta = {"key": key, "start": part.start, "end": part.end, "rows": part.rows}
-        try:
-            write_with(work / part.name, lambda temp: df.write_parquet(temp, metadata={META_KEY: json.dumps(part_meta)}),
-                       what="part of the analysis")
-        except ValueError as err:
-            raise ValueError(f"{err} Finished parts in {work} are kept: run the same command again to continue "
-                             "from them.") from None
+        write = lambda temp: df.write_parquet(temp, metadata={META_KEY: json.dumps(part_meta)})  # noqa: E731
+        for _ in range(2):  # the cache folder, then the spare one
+            try:
+                files[part.name] = write_with(folder / part.name, write, what="part of the analysis")
+                break
+            except ValueError as err:
+                if spare is None or folder == spare:
+                    raise ValueError(f"{err} Finished parts in {work} are kept: run the same command again to "
+                                     "continue from them.") from None
+                warn(f"{err} The rest of this run's parts go to {spare} (removed at the end); the table is still "
+                     "written to --out.")
+                folder = spare
     bar.close()
+    return [files[p.name] for p in parts]
 
 
 def _deliver(table: TokenTable, path: Path, out: str | os.PathLike | None) -> TokenTable:

@@ -218,8 +218,9 @@ def run_analyze(args) -> None:
 
 def _check_suffix(path: str, suffix: str, option: str) -> None:
     if not str(path).endswith(suffix):
+        fixed = Path(path).with_name(Path(path).name.split(".")[0] + suffix)  # r.html.gz -> r.html
         raise ValueError(f"{option} {path!r} should end in {suffix} (it is written as {suffix[1:]}); "
-                         f"e.g. {option} {Path(path).with_suffix(suffix)}.")
+                         f"e.g. {option} {fixed}.")
 
 
 def demo_pair() -> tuple[str, str, tuple[str, ...]]:
@@ -278,8 +279,12 @@ def run_demo(args) -> None:
     import polars as pl
 
     from kdviz import TokenTable, analyze, load_pair
+    from kdviz.decompose import check_count
+    from kdviz.files import check_writable
     from kdviz.report import write_report
 
+    check_count(args.limit, "--limit", minimum=1)
+    check_writable(args.out, what="--out folder", folder=True)  # before a minute of work, not after
     started = time.perf_counter()
     teacher, student, datasets = (args.teacher, args.student, ("zoo:docstrings", "zoo:code")) if args.teacher \
         else demo_pair()
@@ -311,10 +316,12 @@ def run_notebooks(args) -> None:
     if folder is None:
         raise ValueError("This kdviz install has no notebooks folder (it comes with the repository); clone the "
                          "repository and install it with `pip install -e .`.")
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
+    from kdviz.files import check_writable
+
+    out = check_writable(args.out, what="--out folder", folder=True)
+    if any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; give another --out (kdviz never overwrites your notebooks).")
-    shutil.copytree(folder, out, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+    shutil.copytree(folder, out, ignore=shutil.ignore_patterns(".ipynb_checkpoints"), dirs_exist_ok=True)
     print(f"Copied {len(list(out.glob('*.ipynb')))} notebooks to {out.resolve()}. Open them with: "
           f"jupyter lab {out / '01_token_inspector.ipynb'}")
 
@@ -442,12 +449,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdviz {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"kdviz {args.command}: interrupted. Files that existed before are unchanged; "
-              f"{INTERRUPTED.get(args.command, 'run it again to start over.')}", file=sys.stderr)
-        return 130
+        return _interrupted(args.command)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _interrupted(command: str) -> int:
+    """Say what an interrupt kept and return 130; signals arriving meanwhile (polars can raise a Ctrl-C twice) wait."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    message = (f"kdviz {command}: interrupted. Files that existed before are unchanged; "
+               f"{INTERRUPTED.get(command, 'run it again to start over.')}")
+    try:
+        for _ in range(2):  # a signal already pending when the handlers changed interrupts the first try
+            try:
+                print(message, file=sys.stderr)
+                break
+            except KeyboardInterrupt:
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 130
 
 
 INTERRUPTED = {"analyze": "finished parts are kept: run the same command again to continue from them."}

@@ -34,6 +34,7 @@ TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
 TEMPLATES = ("auto", "chat", "alpaca", "plain")
 SNIFF_BYTES = 8192
+BOM = b"\xef\xbb\xbf"
 
 # Field layouts recognised out of the box: (prompt field, optional context field, response field).
 LAYOUTS = {
@@ -129,6 +130,8 @@ def _sniff(path: Path) -> None:
 
 def _decode(raw: bytes, path: Path, first_line: int = 1) -> str:
     """`raw` as UTF-8; ValueError naming the file, line and byte that are not UTF-8."""
+    if first_line == 1:
+        raw = raw.removeprefix(BOM)  # a byte-order mark some editors write first: not text
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -255,6 +258,10 @@ def make_records(raw: list[tuple[str, object]], fields: Fields) -> list[Record]:
             raise ValueError(f"{where}: expected a JSON object with prompt/response fields, got "
                              f"{type(record).__name__}.")
         prompt_name, context_name, response_name = fields.resolve(record, where)
+        if len({prompt_name, context_name, response_name} - {None}) < 2 + (context_name is not None):
+            raise ValueError(f"{where}: the prompt, context and response fields must differ, got prompt "
+                             f"{prompt_name!r}, context {context_name!r}, response {response_name!r} "
+                             "(check --prompt-field/--response-field/--context-field).")
         context = ""
         if context_name is not None and context_name in record:
             context_seen = True
@@ -331,12 +338,16 @@ def read_data(data, *, limit: int | None = None, prompt_field: str | None = None
         if data not in ZOO_DATASETS:
             raise ValueError(f"Unknown zoo dataset {data!r}; available: {', '.join(ZOO_DATASETS)}.")
         return Source(zoo=data, description=data)
+    if isinstance(data, str) and not data.strip():
+        raise ValueError(f"The data is an empty string ({data!r}); give a file or folder path, a zoo dataset "
+                         f"({', '.join(ZOO_DATASETS)}), or, from Python, a list of texts.")
     if isinstance(data, os.PathLike) or (isinstance(data, str) and "\n" not in data):
-        return _read_path(expand(data), limit=limit, fields=fields)
+        return _no_fields_for_text(_read_path(expand(data), limit=limit, fields=fields), fields)
     if isinstance(data, str):
-        return Source(texts=[("text[0]", data)], description="1 text")
+        return _no_fields_for_text(Source(texts=[("text[0]", data)], description="1 text"), fields)
     if isinstance(data, list) and data and all(isinstance(d, str) for d in data):
-        return Source(texts=[(f"text[{i}]", t) for i, t in enumerate(data)], description=f"{len(data)} text(s)")
+        return _no_fields_for_text(Source(texts=[(f"text[{i}]", t) for i, t in enumerate(data)],
+                                          description=f"{len(data)} text(s)"), fields)
     if _is_records(data):
         raw = [(f"{type(data).__name__}:{i + 1}", r) for i, r in enumerate(data)]
         raw = raw[:limit] if limit is not None else raw
@@ -347,6 +358,15 @@ def read_data(data, *, limit: int | None = None, prompt_field: str | None = None
         "(zoo:code, zoo:docstrings), a .jsonl/.json/.parquet file, a text file or folder, a list of texts, "
         "or a list / datasets.Dataset of prompt/response records."
     )
+
+
+def _no_fields_for_text(source: Source, fields: Fields) -> Source:
+    """`source`, unless field names were given for data that is plain text (they would be ignored)."""
+    if source.texts and fields != Fields():
+        named = ", ".join(f"{k}_field={v!r}" for k, v in vars(fields).items() if v is not None)
+        raise ValueError(f"{named} names a record field, but {source.description} is plain text (every token a "
+                         "target). Give a .jsonl/.json/.parquet file of records, or leave the field names out.")
+    return source
 
 
 def _is_records(data) -> bool:
@@ -524,6 +544,7 @@ def zoo_dataset(name: str, tokenizer, *, max_length: int, template: str = "auto"
         corpus = Corpus.from_stdlib()
         texts = corpus.texts("heldout")
         if name == "zoo:code":
+            _no_template_for_text(template, name)
             return from_texts(texts, tokenizer, max_length=max_length, names=corpus.heldout, limit=limit)
         pairs, instruction, description = docstring_pairs(texts, corpus.heldout), False, "held-out stdlib"
     template = resolve_template(template, tokenizer, instruction=instruction)
@@ -542,12 +563,19 @@ def zoo_dataset(name: str, tokenizer, *, max_length: int, template: str = "auto"
     return TokenDataset(_nonempty(examples, name), f"{len(examples)} {kind} from {description}", template=template)
 
 
+def _no_template_for_text(template: str, description: str) -> None:
+    if check_template(template) != "auto":
+        raise ValueError(f"template={template!r} formats prompt/response records, but {description} is plain text "
+                         "(windows of tokens, every token a target). Leave the template out (auto) for text.")
+
+
 def tokenize(source: Source, tokenizer, *, max_length: int, limit: int | None = None, template: str = "auto",
              truncate: bool = False) -> TokenDataset:
     """Format and tokenize what `read_data` read (`limit` examples at most)."""
     if source.zoo:
         dataset = zoo_dataset(source.zoo, tokenizer, max_length=max_length, template=template, limit=limit)
     elif source.texts:
+        _no_template_for_text(template, source.description)
         dataset = from_texts([t for _, t in source.texts], tokenizer, max_length=max_length,
                              names=[n for n, _ in source.texts], limit=limit)
         dataset.description = source.description

@@ -68,6 +68,8 @@ def atomic_path(path: str | os.PathLike, *, what: str = "file") -> Iterator[Path
     file already there is untouched.
     """
     path = expand(path)
+    if path.is_symlink():  # replace the file the link points to, and keep the link
+        path = Path(os.path.realpath(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f"{path.name}{TEMP_MARK}{uuid.uuid4().hex[:8]}")
     try:
@@ -95,6 +97,17 @@ def write_text(path: str | os.PathLike, text: str, *, what: str = "file") -> Pat
     return write_with(path, lambda temp: temp.write_text(text, encoding="utf-8"), what=what)
 
 
+def file_digest(path: str | os.PathLike) -> str:
+    """xxh3 (64-bit, hex) of a file's bytes, read in blocks (a few GB/s)."""
+    import xxhash
+
+    digest = xxhash.xxh3_64()
+    with expand(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def check_writable(path: str | os.PathLike, *, what: str, folder: bool = False) -> Path:
     """ValueError unless `path` (a file, or a folder with folder=True) can be written; nothing is left behind.
 
@@ -105,7 +118,7 @@ def check_writable(path: str | os.PathLike, *, what: str, folder: bool = False) 
     if folder and path.exists() and not path.is_dir():
         raise ValueError(f"The {what} {path} is a file, not a folder; give a folder path.")
     if not folder and path.is_dir():
-        raise ValueError(f"The {what} {path} is a folder; give a file path (e.g. {path / 'out'}).")
+        raise ValueError(f"The {what} {path} is a folder; give the path of a file (a new one, or one to replace).")
     target = path if folder else path.parent
     try:
         target.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ add up to the loss of the batch in one piece.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
@@ -640,6 +641,13 @@ class _RowView:
         return self.tensor.index_select(0, self.index[span])
 
 
+def _plain_number(value):
+    """numpy scalars as the Python numbers they are (np.float32(0.2) -> 0.2); anything else unchanged."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or isinstance(value, (int, float)):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 def get_loss(name: str, *, reduction: str = "mean", fused: bool = True, ignore_index: int = -100,
              chunk_rows: int | None = None, **params) -> KDLoss:
     """The objective `name` with its parameters; see `OBJECTIVES` for names and defaults.
@@ -647,7 +655,7 @@ def get_loss(name: str, *, reduction: str = "mean", fused: bool = True, ignore_i
     reduction: "mean" over valid tokens ("atkd" always uses its own group means), "sum", or
     "none" for per-token contributions [B, T] (0 at ignored positions).
     """
-    if name not in OBJECTIVES:
+    if not isinstance(name, str) or name not in OBJECTIVES:
         listed = ", ".join(f"{n} ({o.doc})" for n, o in OBJECTIVES.items())
         raise ValueError(f"Unknown loss {name!r}. Available: {listed}.")
     objective = OBJECTIVES[name]
@@ -660,7 +668,9 @@ def get_loss(name: str, *, reduction: str = "mean", fused: bool = True, ignore_i
         check_count(chunk_rows, "chunk_rows", minimum=1)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise ValueError(f"ignore_index must be an integer, got {ignore_index!r}.")
-    merged = {**objective.defaults, **params}
+    if not isinstance(fused, bool):
+        raise ValueError(f"fused must be True or False, got {fused!r}.")
+    merged = {**objective.defaults, **{key: _plain_number(value) for key, value in params.items()}}
     for key, (ok, allowed) in objective.checks.items():
         if not ok(merged[key]):
             value = merged[key]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from kdviz import zoo
-from kdviz.files import cache_root, expand, new_folder
+from kdviz.files import cache_root, expand, file_digest, new_folder
 
 # Texts both tokenizers must map to the same ids (code, prose, whitespace, non-ASCII).
 PROBE_TEXTS = (
@@ -108,15 +108,15 @@ def _model_folder(path: Path) -> Path:
     return path
 
 
+def _first_line(err: BaseException) -> str:
+    """An error's type and the first line of its message (for one-line messages)."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:300].rstrip('.') if text else '(no message)'}"
+
+
 def gguf_folder(path: Path, *, force: bool = False) -> Path:
     """The plain safetensors copy of GGUF model `path`, converted on first use into the cache."""
-    import xxhash
-
-    digest = xxhash.xxh3_64()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(block)
-    folder = cache_root() / "gguf" / f"{path.stem}-{digest.hexdigest()}"
+    folder = cache_root() / "gguf" / f"{path.stem}-{file_digest(path)}"
     if force and folder.exists():
         shutil.rmtree(folder)
     if not (folder / "config.json").is_file():
@@ -137,7 +137,7 @@ def convert_gguf(path: Path, out: Path) -> Path:
         quantized = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as err:  # transformers raises ValueError, KeyError, RuntimeError... for unsupported files
         raise ValueError(
-            f"Could not read {path} as a GGUF model: {type(err).__name__}: {str(err).strip().splitlines()[0][:300]}. "
+            f"Could not read {path} as a GGUF model: {_first_line(err)}. "
             "transformers reads GGUF files of the architectures it supports (llama, mistral, qwen2, gemma, "
             "gpt2, phi3, ...); check the file is complete, or convert it to a Hugging Face folder."
         ) from err
@@ -172,16 +172,23 @@ def _load_one(name_or_path, *, device: str, dtype: torch.dtype, trust_remote_cod
                          f"with save_pretrained, a hub id, or a zoo name ({', '.join(zoo.names())}).")
     else:
         source, options = name, _hub_source(name)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **options)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     **options)
-    except Exception as err:  # transformers, safetensors and tokenizers raise many types for a broken model
-        raise ValueError(
-            f"Could not load model {name!r}: {type(err).__name__}: {str(err).strip().splitlines()[0][:300]}. "
-            "If a weight file was copied or downloaded only in part, copy it again. Give a folder saved with "
-            f"save_pretrained, a hub id, or a zoo name ({', '.join(zoo.names())})."
-        ) from err
+    def loading(what):
+        try:
+            return what()
+        except Exception as err:  # transformers, safetensors and tokenizers raise many types for a broken model
+            raise ValueError(
+                f"Could not load model {name!r}: {_first_line(err)}. "
+                "If a weight file was copied or downloaded only in part, copy it again. Give a folder saved with "
+                f"save_pretrained, a hub id, or a zoo name ({', '.join(zoo.names())})."
+            ) from err
+
+    tokenizer = loading(lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **options))
+    if len(tokenizer) < 2:  # transformers makes an empty tokenizer for a folder that has none
+        raise ValueError(f"Model {name!r} has no tokenizer: {source} holds no tokenizer files (tokenizer.json, "
+                         "tokenizer_config.json, vocab.json, ...). Save the tokenizer beside the weights "
+                         "(tokenizer.save_pretrained(folder)), as kdviz distill does.")
+    model = loading(lambda: AutoModelForCausalLM.from_pretrained(source, dtype=dtype,
+                                                                 trust_remote_code=trust_remote_code, **options))
     return model.to(device).eval(), tokenizer
 
 

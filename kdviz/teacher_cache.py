@@ -69,6 +69,39 @@ def target_rows(example) -> list[int]:
     return [p for p in range(len(example.labels) - 1) if example.labels[p + 1] != IGNORE_INDEX]
 
 
+META_KEYS = {"teacher", "teacher_fingerprint", "tokenizer", "data", "data_description", "template", "examples",
+             "tokens", "top_k", "temperature", "vocab_size", "max_length"}
+SAMPLE_ROWS = 4096  # rows whose values `TeacherCache.open` checks
+
+
+def _array_problem(arrays: dict, meta: dict) -> str | None:
+    """What is wrong with a cache's arrays against its meta.json (shapes, types, a sample of values), or None."""
+    tokens, k, examples = meta["tokens"], meta["top_k"], meta["examples"]
+    expected = {"ids": (tokens, k), "logprobs": (tokens, k), "target_logp": (tokens,), "tail_logp": (tokens,),
+                "offsets": (examples + 1,), "keys": (examples,)}
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            return (f"{name}.npy has shape {arrays[name].shape}, but meta.json says {tokens} target tokens of "
+                    f"{examples} examples at top_k={k} (shape {shape})")
+    kinds = {"ids": "iu", "logprobs": "f", "target_logp": "f", "tail_logp": "f", "offsets": "iu", "keys": "iu"}
+    for name, kind in kinds.items():
+        if arrays[name].dtype.kind not in kind:
+            return f"{name}.npy holds {arrays[name].dtype} values, not {'integers' if kind == 'iu' else 'floats'}"
+    if tokens and int(arrays["offsets"][-1]) != tokens:
+        return f"offsets.npy ends at {int(arrays['offsets'][-1])}, not at the {tokens} target tokens"
+    rows = np.unique(np.linspace(0, max(tokens - 1, 0), min(tokens, SAMPLE_ROWS)).astype(np.int64))
+    ids, logprobs = np.asarray(arrays["ids"][rows]), np.asarray(arrays["logprobs"][rows])
+    if ids.size and (ids.min() < 0 or ids.max() >= meta["vocab_size"]):
+        return f"ids.npy holds token ids outside the vocabulary of {meta['vocab_size']}"
+    for name, values in (("logprobs", logprobs), ("target_logp", np.asarray(arrays["target_logp"][rows])),
+                         ("tail_logp", np.asarray(arrays["tail_logp"][rows]))):
+        if np.isnan(values).any() or (values > 1e-3).any():
+            return f"{name}.npy holds values that are not log-probabilities (NaN or above 0)"
+    if logprobs.size and (np.diff(logprobs, axis=1) > 1e-6).any():
+        return "logprobs.npy rows are not the top-k in order (largest first)"
+    return None
+
+
 @dataclass
 class CachedRows:
     """Cached teacher outputs for some target tokens, as tensors [N, k] and [N]."""
@@ -100,18 +133,27 @@ class TeacherCache:
         if not (folder / "meta.json").is_file():
             raise ValueError(f"{folder} is not a teacher cache (no meta.json); make one with `kdviz teacher-cache "
                              "--teacher T --data D --out DIR`.")
-        meta = json.loads((folder / "meta.json").read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"The teacher cache {folder} has format {meta.get('format')}, this kdviz reads format "
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"The teacher cache's {folder / 'meta.json'} cannot be read ({err}); the cache is "
+                             "damaged: make it again with `kdviz teacher-cache`.") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+            raise ValueError(f"The teacher cache {folder} has format {found}, this kdviz reads format "
                              f"{FORMAT}; make it again with `kdviz teacher-cache`.")
+        missing = sorted(META_KEYS - set(meta))
+        if missing:
+            raise ValueError(f"The teacher cache's {folder / 'meta.json'} lacks {', '.join(missing)}: the cache is "
+                             "damaged; make it again.")
         try:
             arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
         except (OSError, ValueError) as err:
             raise ValueError(f"The teacher cache {folder} is damaged ({err}); make it again.") from None
-        tokens = int(arrays["offsets"][-1])
-        if arrays["ids"].shape != (tokens, meta["top_k"]) or len(arrays["target_logp"]) != tokens:
-            raise ValueError(f"The teacher cache {folder} is incomplete: {arrays['ids'].shape[0]} rows for {tokens} "
-                             "target tokens; make it again.")
+        problem = _array_problem(arrays, meta)
+        if problem:
+            raise ValueError(f"The teacher cache {folder} is damaged: {problem}. Make it again with "
+                             "`kdviz teacher-cache`.")
         return cls(folder, meta, arrays)
 
     @property
@@ -134,8 +176,9 @@ class TeacherCache:
                         if meta["template"] != dataset.template else "")
             raise ValueError(f"The teacher cache {self.folder} holds other data: {meta['examples']} examples of "
                              f"{meta['data_description']!r}{template}; this data is {len(dataset)} examples of "
-                             f"{dataset.description!r}. Make the cache from the same --data, --template, --limit "
-                             "and field options.")
+                             f"{dataset.description!r} (the cache's were tokenized for a context of "
+                             f"{meta['max_length']} tokens). Make the cache from the same --data, --template, "
+                             "--limit, --max-length and field options.")
         if float(temperature) != meta["temperature"]:
             raise ValueError(f"The teacher cache {self.folder} holds the teacher at temperature {meta['temperature']}, "
                              f"not {temperature}; a top-k cache cannot be re-tempered. Make one at this temperature.")

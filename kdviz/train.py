@@ -23,6 +23,7 @@ trained at the same steps on cross-entropy to the labels plus `okd_pull` x KL(ad
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import signal
@@ -43,7 +44,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from kdviz.data import IGNORE_INDEX, TokenDataset, collate, pad_id
 from kdviz.decompose import check_count
 from kdviz.distributed import barrier, broadcast
-from kdviz.files import check_writable, expand, staged_folder, write_text, write_with
+from kdviz.files import TEMP_MARK, check_writable, expand, staged_folder, write_text, write_with
 from kdviz.teacher_cache import CachedPair, TeacherCache, example_key
 from kdviz.losses import OBJECTIVES, TokenSplit, TopKRows, get_loss
 from kdviz.models import ModelPair, final_hidden, head_is_linear, model_logits, output_head
@@ -104,7 +105,17 @@ class DistillConfig(TrainingArguments):
         for name, ok, allowed in checks:
             if not ok:
                 raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r} is not allowed; it must be {allowed}.")
-        self.kd_loss()  # validates loss_params (ValueError naming what is allowed)
+        try:
+            self.kd_loss()  # validates loss_params (ValueError naming what is allowed)
+        except ValueError as err:
+            if self.loss != "okd":
+                raise
+            raise ValueError(f"loss='okd' distils with okd_base={self.okd_base!r}, so its parameters are that "
+                             f"loss's: {err}") from None
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"The learning rate must be a number > 0, got {self.learning_rate!r} (CLI: --lr).")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"The seed must be an integer in [0, 2**32), got {self.seed!r} (CLI: --seed).")
         super().__post_init__()
 
     def kd_loss(self):
@@ -661,14 +672,28 @@ def resume_point(out_dir: str | Path | None, resume: bool | str, args: DistillCo
         raise ValueError(f"The checkpoint {path} was written with other settings ({'; '.join(differ)}). Resume with "
                          "the settings it was written with (the global batch = processes x batch size x accumulation "
                          "may be cut differently), or start anew in another --out.")
+    if checkpoint_step(path) >= args.max_steps:
+        raise ValueError(f"The run in {path.parent} already finished its {args.max_steps} steps ({path.name}); there "
+                         "is nothing to resume. Its student and metrics.json are there; to train longer, start a new "
+                         "run with more --steps in another --out.")
     return path
 
 
 def _check_fresh(out_dir: str | Path) -> None:
-    found = checkpoints(out_dir) if expand(out_dir).is_dir() else []
+    """ValueError unless `out_dir` is new, empty, or holds only what a failed start of a run leaves."""
+    folder = expand(out_dir)
+    found = checkpoints(folder) if folder.is_dir() else []
     if found:
-        raise ValueError(f"{expand(out_dir)} holds checkpoints of an earlier run (latest {found[-1].name}); continue "
+        raise ValueError(f"{folder} holds checkpoints of an earlier run (latest {found[-1].name}); continue "
                          "it with --resume (resume_from_checkpoint=True), or choose another --out.")
+    held = sorted(p.name for p in folder.iterdir() if TEMP_MARK not in p.name and p.name != EVAL_BEFORE) \
+        if folder.is_dir() else []
+    if held:
+        what = ("a finished run" if "metrics.json" in held else "a model" if "config.json" in held else
+                "a teacher cache" if "meta.json" in held else "files")
+        raise ValueError(f"--out {folder} already holds {what} ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}"
+                         "); saving the student there would replace them. Give a new or empty folder as --out (a "
+                         "teacher's, a student's or a cache's folder never is one).")
 
 
 def _main_computes(trainer: DistillTrainer, compute):

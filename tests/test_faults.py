@@ -65,7 +65,7 @@ def test_a_valid_but_empty_cache_entry_is_not_taken_for_a_result(pair, tmp_path)
     first = analyze(pair, RECORDS, cache_dir=tmp_path, progress=False)
     (entry,) = (tmp_path / "analyze").glob("*.parquet")
     first.df.head(0).write_parquet(entry)  # a 0-row parquet, as once seen after a kill
-    with pytest.warns(KdvizWarning, match="0 rows"):
+    with pytest.warns(KdvizWarning, match="checksum does not match"):
         again = analyze(pair, RECORDS, cache_dir=tmp_path, progress=False)
     assert again.df.equals(first.df) and len(again) > 0
 
@@ -454,3 +454,242 @@ def test_a_report_that_fails_half_way_leaves_the_old_report(table_and_path, tmp_
         report.write_report(table, target)
     monkeypatch.undo()
     assert target.read_text() == "the good report"
+
+
+# 9. A second audit: the same failures, reached another way ------------------------------------------------
+
+def test_a_cache_entry_damaged_inside_is_moved_aside_and_never_copied_to_out(pair, tmp_path):
+    out = tmp_path / "t.parquet"
+    first = analyze(pair, RECORDS * 4, cache_dir=tmp_path / "cache", out=out, progress=False)
+    (entry,) = (tmp_path / "cache" / "analyze").glob("*.parquet")
+    damaged = bytearray(entry.read_bytes())
+    for i in range(200, len(damaged) // 2, 7):  # the footer (what a lazy open reads) stays intact
+        damaged[i] ^= 0xFF
+    entry.write_bytes(bytes(damaged))
+    out.unlink()
+    with pytest.warns(KdvizWarning, match=f"Could not read {entry} .*checksum does not match"):
+        again = analyze(pair, RECORDS * 4, cache_dir=tmp_path / "cache", out=out, progress=False, lazy=True)
+    assert again.df.equals(first.df) and TokenTable.load(out).df.equals(first.df)
+    assert len(list(entry.parent.glob("*.corrupt-*"))) == 1
+
+
+def test_a_signal_arriving_while_an_interrupt_is_reported_still_exits_130_with_the_message(monkeypatch, capsys):
+    import kdviz.cli as cli
+
+    class StderrHitByASecondSignal:
+        """The first write is cut by a pending Ctrl-C, as polars once delivered one twice."""
+
+        def __init__(self):
+            self.hit, self.text = False, ""
+
+        def write(self, text):
+            if not self.hit:
+                self.hit = True
+                raise KeyboardInterrupt
+            self.text += text
+
+        def flush(self):
+            pass
+
+    stderr = StderrHitByASecondSignal()
+
+    def interrupted_analysis(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_analyze", interrupted_analysis)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    code = main(["analyze", "--teacher", "t", "--student", "s", "--data", "d", "--out", "t.parquet"])
+    assert code == 130 and "kdviz analyze: interrupted" in stderr.text and "finished parts are kept" in stderr.text
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are put back
+
+
+def test_a_full_cache_disk_while_parts_are_written_sends_them_beside_out(pair, tmp_path, monkeypatch):
+    reference = analyze(pair, RECORDS * 4, cache=False, progress=False, part_tokens=64)
+    write = pl.DataFrame.write_parquet
+
+    def cache_disk_full(self, path, *args, **kwargs):
+        if ".parts" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(pl.DataFrame, "write_parquet", cache_disk_full)
+    out = tmp_path / "out" / "t.parquet"
+    with pytest.warns(KdvizWarning, match="No space left on device.*parts go to .*t.parquet.kdviz-tmp-parts"):
+        table = analyze(pair, RECORDS * 4, cache_dir=tmp_path / "cache", out=out, progress=False, part_tokens=64)
+    assert table.df.equals(reference.df) and TokenTable.load(out).df.equals(reference.df)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["t.parquet"]  # the spare parts were removed
+
+
+HOLD_LOCK = """
+import fcntl, sys
+handle = open(sys.argv[1], "a")
+fcntl.flock(handle, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def test_a_second_run_of_the_same_analysis_waits_for_the_first_and_reuses_its_result(model_dirs, tmp_path,
+                                                                                  monkeypatch):
+    monkeypatch.setenv("KDVIZ_CACHE_DIR", str(tmp_path / "cache"))
+    data = jsonl(tmp_path / "d.jsonl", RECORDS * 4)
+    def command(out):
+        return [sys.executable, "-m", "kdviz", *map(str, analyze_args(model_dirs, data, out)), "--part-tokens", "64"]
+
+    subprocess.run(command(tmp_path / "a.parquet"), check=True, capture_output=True, timeout=300)  # entry + lock
+    (lock,) = (tmp_path / "cache" / "analyze").glob("*.lock")
+    entry = lock.with_suffix(".parquet")
+    finished = entry.stat().st_mtime_ns
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # "the first run", still computing
+    assert holder.stdout.readline().strip() == "held"
+    second = subprocess.Popen(command(tmp_path / "b.parquet"), stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    line, deadline = "", time.time() + 120
+    while "another run is computing this same table" not in line and time.time() < deadline:
+        line = second.stderr.readline()
+    assert second.poll() is None  # it waits
+    holder.stdin.close()
+    holder.wait(timeout=30)
+    _, err = second.communicate(timeout=300)
+    assert second.returncode == 0, err
+    assert entry.stat().st_mtime_ns == finished  # reused, not computed again
+    assert TokenTable.load(tmp_path / "b.parquet").df.equals(TokenTable.load(tmp_path / "a.parquet").df)
+
+
+def test_a_full_disk_under_out_leaves_a_good_cache_entry_alone(pair, tmp_path, monkeypatch):
+    analyze_module = sys.modules["kdviz.analyze"]  # (kdviz.analyze is also the function)
+    analyze(pair, RECORDS, cache_dir=tmp_path, progress=False)
+
+    def out_disk_full(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(analyze_module.shutil, "copyfile", out_disk_full)
+    with pytest.raises(ValueError, match="Could not write the token table .*t.parquet: No space left on device"):
+        analyze(pair, RECORDS, cache_dir=tmp_path, out=tmp_path / "t.parquet", progress=False)
+    assert len(list((tmp_path / "analyze").glob("*.parquet"))) == 1
+    assert not list((tmp_path / "analyze").glob("*.corrupt-*"))
+
+
+def test_analyze_refuses_out_equal_to_its_data_from_python_too(pair, tmp_path):
+    data = jsonl(tmp_path / "d.jsonl", RECORDS)
+    before = data.read_bytes()
+    with pytest.raises(ValueError, match="data and out are the same file"):
+        analyze(pair, str(data), out=data, cache=False, progress=False)
+    assert data.read_bytes() == before
+
+
+def test_distill_never_saves_over_a_model_a_cache_or_a_finished_run(model_dirs, tmp_path, capsys):
+    student = tmp_path / "student"
+    shutil.copytree(model_dirs["student"], student)
+    weights = (student / "model.safetensors").read_bytes()
+    base = ["distill", "--teacher", model_dirs["teacher"], "--data", jsonl(tmp_path / "d.jsonl", RECORDS * 4),
+            "--device", "cpu", "--steps", "1", "--batch-size", "4", "--eval-size", "4"]
+    code, _, err = run_cli([*base, "--student", student, "--out", student], capsys)
+    assert code == 2 and "already holds a model (config.json" in err
+    code, _, err = run_cli([*base, "--student", student, "--out", model_dirs["teacher"]], capsys)
+    assert code == 2 and "already holds a model" in err
+    assert (student / "model.safetensors").read_bytes() == weights
+    done = tmp_path / "done"
+    assert run_cli([*base, "--student", student, "--out", done], capsys)[0] == 0
+    saved = (done / "metrics.json").read_bytes()
+    code, _, err = run_cli([*base, "--student", student, "--out", done], capsys)
+    assert code == 2 and "already holds a finished run (" in err
+    assert (done / "metrics.json").read_bytes() == saved
+
+
+def test_resuming_a_finished_run_changes_nothing(model_dirs, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", model_dirs["teacher"], "--student", model_dirs["student"], "--data",
+            jsonl(tmp_path / "d.jsonl", RECORDS * 4), "--device", "cpu", "--steps", "2", "--save-steps", "1",
+            "--batch-size", "4", "--eval-size", "4", "--out", out]
+    assert run_cli(args, capsys)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    code, _, err = run_cli([*args, "--resume"], capsys)
+    assert code == 2 and "already finished its 2 steps (checkpoint-2); there is nothing to resume" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_a_model_folder_without_a_tokenizer_gets_a_message(model_dirs, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(model_dirs["student"] / name, bare / name)
+    code, _, err = run_cli(analyze_args({"teacher": model_dirs["teacher"], "student": bare}, "zoo:docstrings",
+                                        tmp_path / "t.parquet"), capsys)
+    assert code == 2 and "has no tokenizer" in err and "tokenizer.save_pretrained" in err
+
+
+def test_demo_and_notebooks_check_their_out_folder_first(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    started = time.time()
+    code, _, err = run_cli(["demo", "--out", blocker / "demo"], capsys)
+    assert code == 2 and "Cannot write the --out folder" in err and time.time() - started < 10  # before any model
+    code, _, err = run_cli(["notebooks", "--out", blocker], capsys)
+    assert code == 2 and "is a file, not a folder" in err
+
+
+def test_data_mistakes_that_were_silent_are_errors(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="empty string"):
+        read_data("")
+    with pytest.raises(ValueError, match="fields must differ.*prompt 'output'.*response 'output'"):
+        read_data(RECORDS, prompt_field="output", response_field="output")
+    with pytest.raises(ValueError, match="fields must differ.*prompt 'instruction'.*response 'instruction'"):
+        read_data(RECORDS, response_field="instruction")  # the detected prompt field, named as the response
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the teacher knows more than the student\n")
+    with pytest.raises(ValueError, match="prompt_field='q' names a record field, but .* is plain text"):
+        read_data(notes, prompt_field="q")
+    with pytest.raises(ValueError, match="template='alpaca' formats prompt/response records, but .* is plain text"):
+        load_data(notes, tokenizer, max_length=64, template="alpaca")
+
+
+def test_a_byte_order_mark_is_not_read_as_text(tokenizer, tmp_path):
+    plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
+    plain.write_text("the teacher knows more than the student\n")
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert load_data(marked, tokenizer, max_length=64)[0].input_ids == load_data(plain, tokenizer, max_length=64)[0].input_ids
+    records = jsonl(tmp_path / "plain.jsonl", RECORDS)
+    (tmp_path / "marked.jsonl").write_bytes(b"\xef\xbb\xbf" + records.read_bytes())
+    texts = lambda path: [(r.prompt, r.context, r.response) for r in read_data(path).records]  # noqa: E731
+    assert texts(tmp_path / "marked.jsonl") == texts(records)
+
+
+def test_loss_parameters_and_names_of_other_types(tmp_path):
+    import numpy as np
+
+    from kdviz.losses import get_loss
+
+    assert get_loss("atkd", lam=np.float32(0.25)).params["lam"] == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="Unknown loss \\['fkl'\\]"):
+        get_loss(["fkl"])
+    with pytest.raises(ValueError, match="fused must be True or False, got 'yes'"):
+        get_loss("fkl", fused="yes")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--lr", "-1"], r"learning rate must be a number > 0, got -1.0 \(CLI: --lr\)"),
+    (["--seed", "-1"], r"seed must be an integer in \[0, 2\*\*32\), got -1"),
+    (["--loss", "okd", "--param", "lam=0.5"], "loss='okd' distils with okd_base='fkl', so its parameters are that "
+                                              "loss's: Loss 'fkl' has no parameter"),
+])
+def test_more_bad_distill_options_get_a_message_before_any_model_loads(tmp_path, capsys, extra, message):
+    code, _, err = run_cli(["distill", "--teacher", "no/such-model", "--student", "no/such-model", "--data",
+                            "zoo:docstrings", "--out", tmp_path / "run", *extra], capsys)
+    assert code == 2 and re_search(message, err), err
+
+
+def test_output_paths_through_a_link_and_with_two_suffixes(table_and_path, tmp_path, capsys):
+    table, _ = table_and_path
+    target = tmp_path / "results" / "t.parquet"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link = tmp_path / "latest.parquet"
+    link.symlink_to(target)
+    table.save(link)
+    assert link.is_symlink() and TokenTable.load(target).df.equals(table.df)
+    code, _, err = run_cli(["analyze", "--teacher", "t", "--student", "s", "--data", "zoo:code", "--out",
+                            tmp_path / "t.parquet", "--report", tmp_path / "r.html.gz"], capsys)
+    assert code == 2 and f"--report {tmp_path / 'r.html'}." in err

@@ -1,6 +1,7 @@
 """The teacher top-k cache: what it stores, what is exact from it, and what it refuses."""
 
 import json
+import re
 
 import polars as pl
 import pytest
@@ -111,6 +112,54 @@ def test_a_cache_that_does_not_match_is_refused_with_the_reason(pair, data, cach
     (tmp_path / "meta.json").write_text(json.dumps(caches[16].meta))
     with pytest.raises(ValueError, match="damaged"):
         TeacherCache.open(tmp_path)
+
+
+def test_an_analysis_from_a_cache_is_reused_and_resumes_from_its_parts(pair, caches, tmp_path, recwarn, monkeypatch,
+                                                                       capsys):
+    analyze_module = __import__("sys").modules["kdviz.analyze"]  # (kdviz.analyze is also the function)
+    cached = load_cached_pair(caches[16].folder, pair.student_name, device="cpu")
+    options = dict(cache_dir=tmp_path, progress=False, part_tokens=32, top_k=4)
+    first = analyze(cached, RECORDS, **options)
+    (entry,) = (tmp_path / "analyze").glob("*.parquet")
+    again = analyze(cached, RECORDS, **options)
+    assert again.df.equals(first.df) and entry.is_file()  # a hit: its rows are the target tokens only
+    entry.unlink()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # after every part was written, before the merge
+
+    monkeypatch.setattr(analyze_module, "merge_parts", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        analyze(cached, RECORDS, **options)
+    monkeypatch.undo()
+    resumed = analyze(cached, RECORDS, **options)
+    assert resumed.df.equals(first.df)
+    assert re.search(r"reusing (\d+) of \1 finished parts", capsys.readouterr().err)
+    assert not list((tmp_path / "analyze").glob("*.corrupt-*"))
+    assert not [w for w in recwarn if "Could not read" in str(w.message)]
+
+
+def test_a_cache_whose_arrays_were_swapped_or_damaged_is_refused(caches, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    for name, change, message in [
+        ("logprobs", lambda folder: np.load(folder / "ids.npy"), "logprobs.npy holds uint16 values, not floats"),
+        ("logprobs", lambda folder: -np.load(folder / "logprobs.npy"), "not log-probabilities"),
+        ("logprobs", lambda folder: np.load(folder / "logprobs.npy")[:, ::-1].copy(), "not the top-k in order"),
+        ("ids", lambda folder: np.load(folder / "ids.npy")[:-1], "ids.npy has shape"),
+    ]:
+        folder = tmp_path / f"{name}-{message[:8]}"
+        shutil.copytree(caches[16].folder, folder)
+        np.save(folder / f"{name}.npy", change(folder))
+        with pytest.raises(ValueError, match=f"is damaged: .*{message}"):
+            TeacherCache.open(folder)
+    broken = tmp_path / "meta"
+    shutil.copytree(caches[16].folder, broken)
+    (broken / "meta.json").write_text('{"format": 2, "top_k"')
+    with pytest.raises(ValueError, match="meta.json cannot be read .*damaged"):
+        TeacherCache.open(broken)
 
 
 def test_the_cli_makes_a_cache_and_analyses_from_it(model_dirs, tmp_path, capsys):
