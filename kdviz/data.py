@@ -560,6 +560,9 @@ def zoo_dataset(name: str, tokenizer, *, max_length: int, template: str = "auto"
         except ValueError:  # longer than the context: these datasets keep the pairs that fit
             continue
     kind = "docstring pairs" if name == "zoo:docstrings" else "topic pairs"
+    if pairs and not examples:
+        raise ValueError(f"None of the {len(pairs)} {kind} of {name} fits a context of {max_length} tokens; give a "
+                         "longer --max-length (or none: the models' context).")
     return TokenDataset(_nonempty(examples, name), f"{len(examples)} {kind} from {description}", template=template)
 
 

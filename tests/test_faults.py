@@ -646,6 +646,11 @@ def test_data_mistakes_that_were_silent_are_errors(tokenizer, tmp_path):
         load_data(notes, tokenizer, max_length=64, template="alpaca")
 
 
+def test_a_context_too_short_for_every_zoo_pair_says_so(tokenizer):
+    with pytest.raises(ValueError, match="None of the .* docstring pairs of zoo:docstrings fits a context of 4 tokens"):
+        load_data("zoo:docstrings", tokenizer, max_length=4)
+
+
 def test_a_byte_order_mark_is_not_read_as_text(tokenizer, tmp_path):
     plain, marked = tmp_path / "plain.txt", tmp_path / "marked.txt"
     plain.write_text("the teacher knows more than the student\n")
