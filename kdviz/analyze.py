@@ -224,11 +224,14 @@ def plan_parts(lengths: list[int], part_tokens: int, rows_per_example: list[int]
 
 def length_batches(lengths: list[int], *, batch_size: int, batch_tokens: int) -> list[list[int]]:
     """Indices grouped into batches of similar length: at most `batch_size` sequences and `batch_tokens`
-    padded tokens each (a longer sequence goes alone). Longest first, ties in data order."""
+    padded tokens each (a longer sequence goes alone), none shorter than half the batch's longest (so
+    padding at most doubles the work). Longest first, ties in data order."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     batches: list[list[int]] = []
     for i in order:
-        if batches and len(batches[-1]) < batch_size and lengths[batches[-1][0]] * (len(batches[-1]) + 1) <= batch_tokens:
+        longest = lengths[batches[-1][0]] if batches else 0
+        if (batches and len(batches[-1]) < batch_size and longest * (len(batches[-1]) + 1) <= batch_tokens
+                and 2 * lengths[i] >= longest):
             batches[-1].append(i)
         else:
             batches.append([i])

@@ -65,6 +65,8 @@ def test_parts_and_batches_are_planned_by_length():
     batches = length_batches([5, 50, 7, 48, 6], batch_size=2, batch_tokens=1000)
     assert batches == [[1, 3], [2, 4], [0]]  # longest first, similar lengths together
     assert length_batches([100, 10, 10], batch_size=8, batch_tokens=30) == [[0], [1, 2]]
+    # padding at most doubles the work: a 2,866-token record once made four short ones pad to its length
+    assert length_batches([2866, 893, 352, 256, 210], batch_size=8, batch_tokens=16384) == [[0], [1], [2, 3, 4]]
 
 
 @pytest.mark.parametrize("split", SPLITS)
