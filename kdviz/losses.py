@@ -319,6 +319,24 @@ def _chunk_token_loss(objective: Objective, params: dict, s_rows: Tensor, t_rows
     return objective.token_loss(log_q, log_probs(t_rows, tau, "teacher"), y, rows, params)
 
 
+def check_finite(per_token: Tensor, objective: Objective) -> Tensor:
+    """`per_token` unchanged if every value is finite; otherwise ValueError (its gradient would be NaN).
+
+    With NaN and +inf logits refused by `log_probs`, an infinite value means a KL term whose
+    second distribution gives probability 0 (a -inf logit) where the first gives some: truly
+    infinite, and no step can be taken on it. One host sync per loss call.
+    """
+    bad = ~torch.isfinite(per_token)
+    if bool(bad.any()):
+        raise ValueError(
+            f"The {objective.doc} loss is infinite at {int(bad.sum())} of {len(per_token)} target tokens: one model "
+            "gives probability 0 (a -inf logit) to vocabulary entries the other gives probability to (for forward "
+            "KL the student, for reverse KL the teacher), and its gradient would be NaN. Mask the same entries in "
+            "both models' logits, or use a loss that stays finite there (tvd, jsd with 0 < beta < 1, skl, srkl)."
+        )
+    return per_token
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """Per-token losses [N] of rows `index` of the flat logits; gradients made in the forward.
 
@@ -341,6 +359,7 @@ class _ChunkedLoss(torch.autograd.Function):
                 (chunk_grad,) = torch.autograd.grad(tokens.sum(), s_chunk)
             grad.index_copy_(0, index[span], chunk_grad)
             per_token[span] = tokens.detach()
+        check_finite(per_token, objective)
         ctx.save_for_backward(grad, index)
         ctx.used = False
         return per_token
@@ -399,6 +418,7 @@ class _ChunkedLinearLoss(torch.autograd.Function):
             kd_tokens[span], ce_tokens[span] = kd.detach(), ce.detach()
             if known_unc is None:  # ATKD computed it already for its split
                 unc[span] = teacher_uncertainty(t_logits, y[span], params["temperature"], len(t_logits))
+        check_finite(kd_tokens, objective)
         ctx.grads = grads
         ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
         ctx.mark_non_differentiable(kd_tokens, ce_tokens, unc)
@@ -514,7 +534,8 @@ class KDLoss:
         else:
             student, teacher = student[index], teacher[index]
             rows, weights, unc = self._rows_and_weights(teacher, y, len(y), **options)
-            tokens = _chunk_token_loss(self.objective, self.params, student, teacher, y, rows)
+            tokens = check_finite(_chunk_token_loss(self.objective, self.params, student, teacher, y, rows),
+                                  self.objective)
         return valid, tokens * weights, unc
 
     def linear(self, student_hidden: Tensor, student_head: Tensor, teacher_hidden: Tensor, teacher_head: Tensor,
