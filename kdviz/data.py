@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import textwrap
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,10 +120,12 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 # Reading (no tokenizer) ---------------------------------------------------------------------------
 
-def _sniff(path: Path) -> None:
-    """ValueError unless `path` looks like a text file (no NUL bytes at its start)."""
-    head = path.open("rb").read(SNIFF_BYTES)
-    if b"\0" in head:
+def _sniff(path: Path, head: bytes | None = None) -> None:
+    """ValueError unless `path` (or its first bytes `head`) looks like a text file (no NUL bytes at its start)."""
+    if head is None:
+        with path.open("rb") as handle:
+            head = handle.read(SNIFF_BYTES)
+    if b"\0" in head[:SNIFF_BYTES]:
         kind = "a parquet file" if head.startswith(b"PAR1") else "a binary file"
         raise ValueError(f"{path} is not a text file (it looks like {kind}). Give a UTF-8 text file, a .jsonl/.json/"
                          f".parquet file of prompt/response records, or a folder of them.")
@@ -143,8 +146,9 @@ def _decode(raw: bytes, path: Path, first_line: int = 1) -> str:
 
 def read_text_file(path: str | os.PathLike) -> str:
     path = expand(path)
-    _sniff(path)
-    return _decode(path.read_bytes(), path)
+    raw = path.read_bytes()  # read once: /dev/stdin and other pipes cannot be read twice
+    _sniff(path, raw)
+    return _decode(raw, path)
 
 
 def _records_from_jsonl(path: Path, limit: int | None) -> list[tuple[str, object]]:
@@ -446,8 +450,17 @@ def from_texts(texts: list[str], tokenizer, *, max_length: int, names: list[str]
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 to have a target, got {max_length}.")
     names = names or [f"text[{i}]" for i in range(len(texts))]
+    blank = [name for name, text in zip(names, texts) if not text.strip()]
+    if blank and len(blank) == len(texts):
+        raise ValueError(f"Texts {blank[:3]} are empty or hold only whitespace: nothing to analyse or distil. Give text with words "
+                         "or code in it.")
+    if blank:
+        warnings.warn(f"Skipping {len(blank)} text(s) that hold only whitespace: {blank[:3]}"
+                      f"{' ...' if len(blank) > 3 else ''}.", stacklevel=2)
     examples = []
     for name, text in zip(names, texts):
+        if not text.strip():
+            continue
         ids = _encode(tokenizer, text)
         for window, start in enumerate(range(0, len(ids), max_length)):
             chunk = ids[start : start + max_length]

@@ -47,6 +47,22 @@ def test_bad_input_exits_with_message(tmp_path, model_dirs, capsys):
     assert "bad.jsonl:1: not valid JSON" in capsys.readouterr().err
 
 
+def test_data_from_standard_input(tmp_path, model_dirs, monkeypatch):
+    """`--data /dev/stdin` reads a pipe once (it cannot be read twice) and gives the table the same text gives."""
+    monkeypatch.setenv("KDVIZ_CACHE_DIR", str(tmp_path / "cache"))
+    text = "def add(a, b):\n    return a + b\n"
+    (tmp_path / "same.txt").write_text(text)
+    base = [sys.executable, "-m", "kdviz.cli", "analyze", "--teacher", str(model_dirs["teacher"]),
+            "--student", str(model_dirs["student"]), "--no-cache"]
+    piped = subprocess.run([*base, "--data", "/dev/stdin", "--out", str(tmp_path / "piped.parquet")], input=text,
+                           capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert main(["analyze", *base[4:], "--data", str(tmp_path / "same.txt"), "--out", str(tmp_path / "file.parquet")]) == 0
+    columns = ["token_id", "unc", "kl", "tkd", "dkd"]
+    piped_df, file_df = (pl.read_parquet(tmp_path / f"{name}.parquet").select(columns) for name in ("piped", "file"))
+    assert piped_df.height > 5 and piped_df.equals(file_df)
+
+
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "analyze" in capsys.readouterr().out

@@ -91,9 +91,18 @@ def test_empty_jsonl_is_an_error(tmp_path, tokenizer, content):
         load_data(path, tokenizer, max_length=64)
 
 
-def test_empty_text_is_an_error(tokenizer):
-    with pytest.raises(ValueError, match="no examples"):
-        load_data([""], tokenizer, max_length=64)
+@pytest.mark.parametrize("texts", [[""], ["  \n\t\n"], ["", " \n"]])
+def test_empty_or_whitespace_text_is_an_error(tokenizer, texts):
+    with pytest.raises(ValueError, match="empty or hold only whitespace"):
+        load_data(texts, tokenizer, max_length=64)
+
+
+def test_a_blank_text_file_among_others_is_skipped_with_a_warning(tmp_path, tokenizer):
+    (tmp_path / "a.txt").write_text("   \n\n")
+    (tmp_path / "b.txt").write_text("def f(x):\n    return x\n")
+    with pytest.warns(UserWarning, match=r"Skipping 1 text\(s\) that hold only whitespace: \['.*a.txt'\]"):
+        data = load_data(tmp_path, tokenizer, max_length=64)
+    assert [example.source.split("#")[0] for example in data.examples] == [str(tmp_path / "b.txt")]
 
 
 def test_empty_response_is_an_error(tmp_path, tokenizer):
