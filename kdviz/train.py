@@ -91,6 +91,10 @@ class DistillConfig(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "kdviz batches carry their own fields."})
     report_to: str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy (default: none)."})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={
+        "help": "DDP: search the autograd graph for unused parameters every step. Off by default: every student "
+                "parameter takes part in the KD loss (the head through the fused-linear path), and the search "
+                "costs a graph traversal per step. Turn it on for a student whose forward leaves parameters out."})
 
     def __post_init__(self):
         if self.loss not in LOSSES:

@@ -213,6 +213,7 @@ def test_torchrun_distill_gives_the_one_process_student_and_writes_once(model_di
     one = distill(model_dirs["teacher"], model_dirs["student"], data_file, loss="atkd", steps=3, eval_size=4,
                   batch_size=8, device="cpu", progress=False, out_dir=tmp_path / "one")
     assert done.stdout.count("eval loss") == 1  # the main process alone reports
+    assert "find_unused_parameters" not in done.stderr  # DDP is not asked to search for unused parameters
     metrics = json.loads((two / "metrics.json").read_text())
     assert {k: metrics["settings"][k] for k in ("world_size", "per_device_batch", "grad_accum", "global_batch")} == \
         {"world_size": 2, "per_device_batch": 4, "grad_accum": 1, "global_batch": 8}
