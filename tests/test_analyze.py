@@ -115,7 +115,7 @@ def test_bad_options(pair):
         analyze(pair, RECORDS, split="document", cache=False)
     with pytest.raises(ValueError, match="k is the fraction of hard tokens"):
         analyze(pair, RECORDS, k=1.5, cache=False)
-    with pytest.raises(ValueError, match="no examples"):
+    with pytest.raises(ValueError, match="empty or hold only whitespace"):
         analyze(pair, [""], cache=False)
 
 
