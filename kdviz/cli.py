@@ -255,6 +255,8 @@ def run_teacher_cache(args) -> None:
     from kdviz.models import _load_one, context_length, default_dtype, model_context, resolve_device
 
     check_count(args.top_k, "top_k", minimum=1)
+    if args.max_length is not None:
+        check_count(args.max_length, "max_length", minimum=2)
     check_temperature(args.temperature)
     check_distinct({"--data": _data_path(args.data), "--out": args.out})
     if Path(args.out).exists():

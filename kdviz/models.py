@@ -9,7 +9,7 @@ import shutil
 import socket
 import sys
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -151,6 +151,30 @@ def convert_gguf(path: Path, out: Path) -> Path:
     return out
 
 
+def _source(name_or_path) -> tuple[str, dict]:
+    """(what to give from_pretrained, its options) for a local folder, a .gguf file or a hub id; ValueError if none."""
+    name = str(name_or_path)
+    path = expand(name)
+    if path.exists():
+        return str(_model_folder(path)), {}
+    if isinstance(name_or_path, os.PathLike) or not HUB_ID.match(name):
+        raise ValueError(f"Model path {name} does not exist (looked for {path.resolve()}). Give a folder saved "
+                         f"with save_pretrained, a hub id, or a zoo name ({', '.join(zoo.names())}).")
+    return name, _hub_source(name)
+
+
+def _loading(name: str, what):
+    """what(), with whatever a broken model raises turned into a ValueError that names it."""
+    try:
+        return what()
+    except Exception as err:  # transformers, safetensors and tokenizers raise many types for a broken model
+        raise ValueError(
+            f"Could not load model {name!r}: {_first_line(err)}. "
+            "If a weight file was copied or downloaded only in part, copy it again. Give a folder saved with "
+            f"save_pretrained, a hub id, or a zoo name ({', '.join(zoo.names())})."
+        ) from err
+
+
 def _load_one(name_or_path, *, device: str, dtype: torch.dtype, trust_remote_code: bool):
     """(model, tokenizer) from a `zoo:` name, a local folder or a Hugging Face hub id."""
     if not isinstance(name_or_path, (str, os.PathLike)):
@@ -164,24 +188,8 @@ def _load_one(name_or_path, *, device: str, dtype: torch.dtype, trust_remote_cod
         return model, tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = expand(name)
-    if path.exists():
-        source, options = str(_model_folder(path)), {}
-    elif isinstance(name_or_path, os.PathLike) or not HUB_ID.match(name):
-        raise ValueError(f"Model path {name} does not exist (looked for {path.resolve()}). Give a folder saved "
-                         f"with save_pretrained, a hub id, or a zoo name ({', '.join(zoo.names())}).")
-    else:
-        source, options = name, _hub_source(name)
-    def loading(what):
-        try:
-            return what()
-        except Exception as err:  # transformers, safetensors and tokenizers raise many types for a broken model
-            raise ValueError(
-                f"Could not load model {name!r}: {_first_line(err)}. "
-                "If a weight file was copied or downloaded only in part, copy it again. Give a folder saved with "
-                f"save_pretrained, a hub id, or a zoo name ({', '.join(zoo.names())})."
-            ) from err
-
+    source, options = _source(name_or_path)
+    loading = partial(_loading, name)
     tokenizer = loading(lambda: AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **options))
     if len(tokenizer) < 2:  # transformers makes an empty tokenizer for a folder that has none
         raise ValueError(f"Model {name!r} has no tokenizer: {source} holds no tokenizer files (tokenizer.json, "
@@ -227,8 +235,8 @@ def model_context(name_or_path: str) -> int | None:
 
     if str(name_or_path).startswith(zoo.PREFIX):
         return config_context(AutoConfig.from_pretrained(zoo._model_dir(str(name_or_path))))
-    path = expand(name_or_path)
-    return config_context(AutoConfig.from_pretrained(_model_folder(path) if path.exists() else str(name_or_path)))
+    source, options = _source(name_or_path)
+    return config_context(_loading(str(name_or_path), lambda: AutoConfig.from_pretrained(source, **options)))
 
 
 def config_context(config) -> int | None:

@@ -44,7 +44,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from kdviz.data import IGNORE_INDEX, TokenDataset, collate, pad_id
 from kdviz.decompose import check_count
 from kdviz.distributed import barrier, broadcast
-from kdviz.files import TEMP_MARK, check_writable, expand, staged_folder, write_text, write_with
+from kdviz.files import TEMP_MARK, check_writable, expand, file_digest, staged_folder, write_text, write_with
 from kdviz.teacher_cache import CachedPair, TeacherCache, example_key
 from kdviz.losses import OBJECTIVES, TokenSplit, TopKRows, get_loss
 from kdviz.models import ModelPair, final_hidden, head_is_linear, model_logits, output_head
@@ -295,6 +295,7 @@ class DistillTrainer(Trainer):
             raise ValueError("DistillTrainer needs teacher=<a model> or teacher_cache=<a TeacherCache> (one of them).")
         self.teacher = None if teacher is None else teacher.to(self.args.device).eval().requires_grad_(False)
         self.cache = teacher_cache
+        self.run_inputs: dict | None = None  # what the run was made from (see `run_inputs`), kept in checkpoints
         self.vocab_size = vocab_size or len(tokenizer)
         self.kd = self.args.kd_loss()
         if teacher_cache is not None:
@@ -482,7 +483,8 @@ class DistillTrainer(Trainer):
 
                 weights = {key: value.contiguous() for key, value in self.adapter.state_dict().items()}
                 write_with(folder / ADAPTER_WEIGHTS, lambda temp: save_file(weights, str(temp)), what="OKD adapter")
-            write_text(folder / CHECKPOINT_MARK, json.dumps(run_settings(self.args), indent=2), what="checkpoint mark")
+            mark = {**run_settings(self.args), "inputs": self.run_inputs, "files": file_checksums(folder)}
+            write_text(folder / CHECKPOINT_MARK, json.dumps(mark, indent=2), what="checkpoint mark")
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -649,9 +651,49 @@ def checkpoints(out_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"The {what} {path} cannot be read ({error}): it is damaged. Delete its checkpoint folder "
+                         f"{path.parent} and resume from an earlier one, or start anew in another --out.") from None
+
+
 def checkpoint_step(checkpoint: Path) -> int:
     """The optimizer step a Trainer checkpoint was written at."""
-    return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
+    state = _read_json(checkpoint / "trainer_state.json", "Trainer state")
+    if not isinstance(state.get("global_step"), int):
+        raise ValueError(f"The Trainer state {checkpoint / 'trainer_state.json'} has no step (global_step): it is "
+                         f"damaged. Delete {checkpoint} and resume from an earlier checkpoint, or start anew.")
+    return state["global_step"]
+
+
+def file_checksums(folder: Path) -> dict[str, str]:
+    """xxh3 of every file a checkpoint holds (its mark aside; about 1 s per GB): a resumed run checks them first."""
+    return {path.name: file_digest(path) for path in sorted(folder.iterdir())
+            if path.is_file() and path.name != CHECKPOINT_MARK and TEMP_MARK not in path.name}
+
+
+def run_inputs(pair, train: TokenDataset, evaluation: TokenDataset) -> dict:
+    """What a run is made from: the models (or cache) by their weights, the training and held-out examples by
+    their token ids (so data, limit, template, max length and eval size are all in it)."""
+    return {"teacher and student": {"names": [pair.teacher_name, pair.student_name], "fingerprint": pair.fingerprint},
+            "training examples": {"names": [train.description], "fingerprint": train.fingerprint},
+            "held-out examples": {"names": [evaluation.description], "fingerprint": evaluation.fingerprint}}
+
+
+def check_inputs(checkpoint: Path, inputs: dict) -> None:
+    """ValueError unless the checkpoint was written by a run made from the same `inputs` (see `run_inputs`)."""
+    saved = _read_json(checkpoint / CHECKPOINT_MARK, "checkpoint mark").get("inputs")
+    if saved is None:  # written by DistillTrainer used directly, which does not know them
+        return
+    differ = [f"{what}: {', '.join(saved[what]['names'])} there, {', '.join(now['names'])} here"
+              if saved[what]["names"] != now["names"] else f"{what}: same names, other contents"
+              for what, now in inputs.items() if saved.get(what, {}).get("fingerprint") != now["fingerprint"]]
+    if differ:
+        raise ValueError(f"The checkpoint {checkpoint} was written by a run made from other inputs ({'; '.join(differ)}"
+                         "). Resume with the --teacher (or --teacher-cache), --student, --data, --limit, --eval-size, "
+                         "--template and --max-length it was started with, or start anew in another --out.")
 
 
 def resume_point(out_dir: str | Path | None, resume: bool | str, args: DistillConfig) -> Path:
@@ -669,7 +711,14 @@ def resume_point(out_dir: str | Path | None, resume: bool | str, args: DistillCo
         if not (path / CHECKPOINT_MARK).is_file():
             raise ValueError(f"{path} is not a complete kdviz checkpoint (no {CHECKPOINT_MARK}); give a "
                              f"checkpoint-N folder written by kdviz distill, or True for the latest in --out.")
-    saved, now = json.loads((path / CHECKPOINT_MARK).read_text()), run_settings(args)
+    saved, now = _read_json(path / CHECKPOINT_MARK, "checkpoint mark"), run_settings(args)
+    for name, expected in saved.get("files", {}).items():
+        problem = "missing" if not (path / name).is_file() else "changed since it was written (its checksum differs)" \
+            if file_digest(path / name) != expected else None
+        if problem:
+            earlier = [p.name for p in checkpoints(path.parent) if p != path]
+            raise ValueError(f"The checkpoint {path} is damaged: {name} is {problem}. Delete {path} and resume "
+                             f"again{' (from ' + earlier[-1] + ')' if earlier else ''}, or start anew in another --out.")
     differ = [f"{key}={saved.get(key)!r} there, {now[key]!r} here" for key in now
               if key != "layout" and saved.get(key) != now[key]]
     if differ:
@@ -793,10 +842,14 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
     if teacher_cache is not None:
         pair.cache.check(dataset, pair.tokenizer, temperature=args.kd_loss().params["temperature"])
     train, evaluation = split_data(dataset, eval_size=eval_split_size(eval_size, len(dataset)), seed=seed)
+    inputs = run_inputs(pair, train, evaluation)
+    if checkpoint is not None:
+        check_inputs(checkpoint, inputs)
     trainer = DistillTrainer(model=pair.student, teacher=getattr(pair, "teacher", None),
                              teacher_cache=getattr(pair, "cache", None), args=args, train_dataset=train,
                              eval_dataset=evaluation, processing_class=pair.tokenizer, vocab_size=pair.vocab_size,
                              callbacks=callbacks)
+    trainer.run_inputs = inputs
     if not progress:
         trainer.remove_callback(PrinterCallback)  # quiet: the log history is in the result
     before = _evaluation_before(trainer, evaluation, out_dir, resumed=checkpoint is not None)

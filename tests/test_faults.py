@@ -612,6 +612,34 @@ def test_resuming_a_finished_run_changes_nothing(model_dirs, tmp_path, capsys):
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
 
+def test_resume_refuses_other_inputs_and_a_damaged_checkpoint(model_dirs, tmp_path, capsys):
+    out = tmp_path / "run"
+    data = jsonl(tmp_path / "d.jsonl", RECORDS * 4)
+    base = ["distill", "--teacher", model_dirs["teacher"], "--student", model_dirs["student"], "--device", "cpu",
+            "--steps", "3", "--save-steps", "1", "--batch-size", "4", "--out", out]
+    assert run_cli([*base, "--data", data, "--eval-size", "4"], capsys)[0] == 0
+    shutil.rmtree(out / "checkpoint-3")  # as if it had been interrupted after step 2
+    shutil.rmtree(out / "checkpoint-2")
+    kept = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()}
+    other = jsonl(tmp_path / "other.jsonl", [{**r, "output": "the teacher"} for r in RECORDS * 4])
+    for changed, says in ((["--data", other, "--eval-size", "4"], "training examples: .*d.jsonl .*there, .*other.jsonl .*here"),
+                          (["--data", data, "--eval-size", "5"], "held-out examples: "),
+                          (["--data", data, "--eval-size", "4", "--limit", "20"], "training examples: "),
+                          (["--data", data, "--eval-size", "4", "--template", "plain"], "training examples: ")):
+        code, _, err = run_cli([*base, *changed, "--resume"], capsys)
+        assert code == 2 and re_search("written by a run made from other inputs .*" + says, err), (changed, err)
+        assert "Traceback" not in err
+    assert {f.name: f.read_bytes() for f in out.iterdir() if f.is_file()} == kept  # the refusals changed nothing
+    weights = out / "checkpoint-1" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # half-copied
+    code, _, err = run_cli([*base, "--data", data, "--eval-size", "4", "--resume"], capsys)
+    assert code == 2 and "checkpoint-1 is damaged: model.safetensors is changed since it was written" in err, err
+    mark = out / "checkpoint-1" / "kdviz_checkpoint.json"
+    mark.write_text(mark.read_text()[:40])
+    code, _, err = run_cli([*base, "--data", data, "--eval-size", "4", "--resume"], capsys)
+    assert code == 2 and f"The checkpoint mark {mark} cannot be read" in err and "Traceback" not in err, err
+
+
 def test_a_model_folder_without_a_tokenizer_gets_a_message(model_dirs, tmp_path, capsys):
     bare = tmp_path / "bare"
     bare.mkdir()

@@ -171,6 +171,14 @@ def test_the_cli_makes_a_cache_and_analyses_from_it(model_dirs, tmp_path, capsys
     assert "bytes per token" in capsys.readouterr().out
     assert main(["teacher-cache", "--teacher", str(model_dirs["teacher"]), "--data", str(data), "--out", str(cache),
                  "--device", "cpu"]) == 2  # never over an existing cache
+    capsys.readouterr()
+    other = ["teacher-cache", "--teacher", str(model_dirs["teacher"]), "--data", str(data), "--out", str(tmp_path / "c")]
+    assert main([*other, "--max-length", "0"]) == 2  # not "no limit"
+    assert "max_length must be an integer >= 2, got 0" in capsys.readouterr().err
+    assert main([*other, "--student", str(tmp_path / "no-such-student")]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-student does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
     out = tmp_path / "t.parquet"
     assert main(["analyze", "--teacher-cache", str(cache), "--student", str(model_dirs["student"]), "--data",
                  str(data), "--out", str(out), "--device", "cpu"]) == 0
