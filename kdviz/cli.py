@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--teacher", required=True, help="teacher model: hub id, local folder, .gguf or zoo:NAME")
     cache.add_argument("--data", required=True, help="the data you will distil or analyse on (same options)")
     cache.add_argument("--student", default=None,
-                       help="the student you will use (its context can be shorter than the teacher's; recommended)")
+                       help="the student you will use (recommended: its tokenizer is checked before the teacher runs, "
+                            "and its context can be shorter than the teacher's)")
     cache.add_argument("--out", required=True, help="folder for the cache (written whole, then renamed into place)")
     cache.add_argument("--top-k", type=int, default=64,
                        help="teacher tokens kept per target token (default 64: 392 bytes per token)")
@@ -252,7 +253,8 @@ def run_teacher_cache(args) -> None:
     from kdviz.data import read_data, tokenize
     from kdviz.decompose import check_count, check_temperature
     from kdviz.files import check_distinct, check_writable
-    from kdviz.models import _load_one, context_length, default_dtype, model_context, resolve_device
+    from kdviz.models import (_load_one, context_length, default_dtype, model_context, model_tokenizer,
+                              resolve_device)
 
     check_count(args.top_k, "top_k", minimum=1)
     if args.max_length is not None:
@@ -266,8 +268,13 @@ def run_teacher_cache(args) -> None:
     device = resolve_device(args.device)
     teacher, tokenizer = _load_one(args.teacher, device=device, dtype=default_dtype(device), trust_remote_code=False)
     length = min(context_length(teacher) or 1024, args.max_length or 10**9)
-    if args.student:
+    if args.student:  # before the teacher's pass, not when the cache is used
         length = min(length, model_context(args.student) or length)
+        if teacher_cache.tokenizer_fingerprint(model_tokenizer(args.student)) != \
+                teacher_cache.tokenizer_fingerprint(tokenizer):
+            raise ValueError(f"--student {args.student} has another tokenizer than --teacher {args.teacher} "
+                             "(vocabulary, special tokens or chat template differ), so it could not read this cache; "
+                             "token-level KD needs one shared tokenizer: pick a student of the teacher's family.")
     dataset = tokenize(source, tokenizer, max_length=length, limit=args.limit, template=args.template,
                        truncate=args.truncate)
     cache = teacher_cache.build(teacher.requires_grad_(False), tokenizer, dataset, args.out, top_k=args.top_k,

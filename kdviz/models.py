@@ -239,6 +239,17 @@ def model_context(name_or_path: str) -> int | None:
     return config_context(_loading(str(name_or_path), lambda: AutoConfig.from_pretrained(source, **options)))
 
 
+def model_tokenizer(name_or_path: str):
+    """The tokenizer of a model given by name (zoo, folder, .gguf, hub id), without loading its weights."""
+    name = str(name_or_path)
+    if name.startswith(zoo.PREFIX):
+        return zoo.load_tokenizer(model_dir=zoo._model_dir(name))
+    from transformers import AutoTokenizer
+
+    source, options = _source(name_or_path)
+    return _loading(name, lambda: AutoTokenizer.from_pretrained(source, **options))
+
+
 def config_context(config) -> int | None:
     """The maximum sequence length a config states, or None."""
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):

@@ -153,8 +153,24 @@ def test_a_cache_whose_arrays_were_swapped_or_damaged_is_refused(caches, tmp_pat
         folder = tmp_path / f"{name}-{message[:8]}"
         shutil.copytree(caches[16].folder, folder)
         np.save(folder / f"{name}.npy", change(folder))
+        with pytest.raises(ValueError, match=f"is damaged: {name}.npy has changed since the cache was made"):
+            TeacherCache.open(folder)
+        meta = json.loads((folder / "meta.json").read_text())
+        del meta["checksums"]  # as a cache made before kdviz recorded them: the sampled checks still catch it
+        (folder / "meta.json").write_text(json.dumps(meta))
         with pytest.raises(ValueError, match=f"is damaged: .*{message}"):
             TeacherCache.open(folder)
+    flipped = tmp_path / "one-ulp"  # one value nudged by one ulp in place: still a log-probability,
+    # so only the checksum can tell
+    shutil.copytree(caches[16].folder, flipped)
+    target = np.load(flipped / "target_logp.npy", mmap_mode="r+")
+    target[1] = np.nextafter(target[1], np.float32(0), dtype=np.float32)
+    target.flush()
+    del target
+    with pytest.raises(ValueError, match="is damaged: target_logp.npy has changed since the cache was made"):
+        TeacherCache.open(flipped)
+    assert TeacherCache.open(caches[16].folder).meta["checksums"].keys() == {
+        f"{n}.npy" for n in ("ids", "logprobs", "target_logp", "tail_logp", "offsets", "keys")}
     broken = tmp_path / "meta"
     shutil.copytree(caches[16].folder, broken)
     (broken / "meta.json").write_text('{"format": 2, "top_k"')
@@ -178,6 +194,9 @@ def test_the_cli_makes_a_cache_and_analyses_from_it(model_dirs, tmp_path, capsys
     assert main([*other, "--student", str(tmp_path / "no-such-student")]) == 2
     err = capsys.readouterr().err
     assert "no-such-student does not exist" in err and "Traceback" not in err
+    assert main([*other, "--student", "zoo:student"]) == 2  # another tokenizer: refused before the teacher runs
+    err = capsys.readouterr().err
+    assert "--student zoo:student has another tokenizer than --teacher" in err and "teacher cache" not in err
     assert not (tmp_path / "c").exists()
     out = tmp_path / "t.parquet"
     assert main(["analyze", "--teacher-cache", str(cache), "--student", str(model_dirs["student"]), "--data",
