@@ -26,7 +26,7 @@ EPILOG = """examples:
                 --loss atkd --steps 300 --out runs/atkd   fine-tune, save the student + metrics.json
   python -m torch.distributed.run --standalone --nproc_per_node 2 -m kdviz distill ... \\
                 --batch-size 4 --save-steps 50   2 processes x 4 = the same student as --batch-size 8
-  kdviz zoo build --tiny --out /tmp/zoo         a micro zoo in under two minutes
+  kdviz zoo build --tiny --out /tmp/zoo         a micro zoo in seconds
 
 Models: a Hugging Face hub id, a local folder saved with save_pretrained, a .gguf file (or
 a folder holding one), or a zoo name (zoo:student, zoo:teacher-s/-m/-l, zoo:smollm2-135m,
@@ -45,7 +45,7 @@ def _add_pair_options(parser: argparse.ArgumentParser, *, student_help: str, cac
                                  "running it (give --teacher or this)")
     parser.add_argument("--student", required=True, help=student_help)
     parser.add_argument("--data", required=True,
-                        help="zoo:code, zoo:docstrings, a .jsonl/.json/.parquet file of records, or a text file/folder")
+                        help="zoo:code, zoo:docstrings, zoo:topics, a .jsonl/.json/.parquet file of records, or a text file/folder")
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "the embedded zoo and write an HTML report")
     demo.add_argument("--out", default="kdviz-out", help="output folder (default ./kdviz-out)")
     demo.add_argument("--limit", type=int, default=None,
-                      help="examples per dataset (default: 16 with the real pair, about 9k tokens, under a minute on 2 "
+                      help="examples per dataset (default: 16 with the real pair, about 12k tokens, under a minute on 2 "
                            "CPU cores; 48 with the zoo)")
     demo.add_argument("--device", default=None, help="cpu or cuda")
     demo.add_argument("--teacher", default=None, help="another teacher (default: the real pair when set up)")
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("--force", action="store_true", help="convert again even if already fetched")
     build = zoo_commands.add_parser("build", help="train the tokenizer and the model ladder from scratch")
     build.add_argument("--out", default=None, help="output folder (default: the shipped data/zoo)")
-    build.add_argument("--tiny", action="store_true", help="a micro zoo in under two minutes (for tests)")
+    build.add_argument("--tiny", action="store_true", help="a micro zoo in seconds (for tests)")
     build.add_argument("--only", nargs="+", default=None, help="build only these models, e.g. student")
     build.add_argument("--device", default=None, help="cpu or cuda")
     return parser
@@ -283,7 +283,8 @@ def run_teacher_cache(args) -> None:
     print(f"Teacher cache of {args.teacher}: {meta['tokens']:,} target tokens of {meta['examples']} examples "
           f"({meta['data_description']}, template {meta['template']}), top-{meta['top_k']}, "
           f"{meta['bytes_per_token']:.0f} bytes per token: {Path(args.out).resolve()}")
-    print("Use it: kdviz distill --teacher-cache DIR ... or kdviz analyze --teacher-cache DIR ... (same --data options)")
+    print(f"Use it with the same --data options (--template, --limit, ...): kdviz distill --teacher-cache {args.out} "
+          f"--student S ... or kdviz analyze --teacher-cache {args.out} --student S ...")
 
 
 def run_demo(args) -> None:

@@ -359,7 +359,7 @@ def read_data(data, *, limit: int | None = None, prompt_field: str | None = None
                                                                      f"from {type(data).__name__}")
     raise ValueError(
         f"Cannot read data of type {type(data).__name__} ({str(data)[:60]!r}). Give a zoo name "
-        "(zoo:code, zoo:docstrings), a .jsonl/.json/.parquet file, a text file or folder, a list of texts, "
+        "(zoo:code, zoo:docstrings, zoo:topics), a .jsonl/.json/.parquet file, a text file or folder, a list of texts, "
         "or a list / datasets.Dataset of prompt/response records."
     )
 

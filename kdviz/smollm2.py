@@ -1,6 +1,6 @@
 """The real pair: `zoo:smollm2-135m` (SmolLM2-135M-Instruct, fetched) and `zoo:smollm2-student`.
 
-The student is a small Llama (6 x 96, 5.3M parameters, 10.6 MB in fp16) with the teacher's
+The student is a small Llama (6 x 96, 5.3M parameters, 10.6 MB of fp16 weights) with the teacher's
 49,152-token tokenizer, trained by kdviz (`kdviz zoo build --only smollm2-student`): its
 embedding starts as the top 96 principal directions of the teacher's embedding, then it is
 trained with cross-entropy on text every Python installation has: the train split of the

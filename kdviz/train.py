@@ -261,6 +261,15 @@ def gather_tokens(values: Tensor, micro_batches: int) -> tuple[Tensor, int]:
             sum(int(size[1]) for size in sizes))
 
 
+def untied_missing_keys(model, missing_keys) -> list[str]:
+    """The keys of `missing_keys` that are really missing: not names of a parameter shared with another name."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    shared = {name for group in names.values() if len(group) > 1 for name in group}
+    return [key for key in missing_keys if key not in shared]
+
+
 class DistillTrainer(Trainer):
     """A `Trainer` whose loss is a kdviz objective against a frozen teacher (see the module doc).
 
@@ -485,6 +494,12 @@ class DistillTrainer(Trainer):
                 write_with(folder / ADAPTER_WEIGHTS, lambda temp: save_file(weights, str(temp)), what="OKD adapter")
             mark = {**run_settings(self.args), "inputs": self.run_inputs, "files": file_checksums(folder)}
             write_text(folder / CHECKPOINT_MARK, json.dumps(mark, indent=2), what="checkpoint mark")
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # A tied LM head is not saved (safetensors keeps one copy), so the Trainer warns that it is
+        # "missing" on every resume of a GPT-2 or Llama with tied embeddings; it is there, tied.
+        missing = untied_missing_keys(self.accelerator.unwrap_model(self.model), load_result.missing_keys)
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)

@@ -3,7 +3,7 @@
 `zoo:student` and three teachers (`zoo:teacher-s`, `zoo:teacher-m`, `zoo:teacher-l`) share
 one byte-level BPE tokenizer. The weights ship under ``data/zoo`` with a manifest each;
 `build` reproduces them from scratch (`kdviz zoo build`), `build(..., tiny=True)` makes a
-micro zoo in well under two minutes for tests.
+micro zoo in seconds for tests.
 
 >>> model, tokenizer = load("zoo:student")
 >>> model.config.vocab_size == len(tokenizer)

@@ -272,7 +272,7 @@ class InterruptAt(TrainerCallback):
             signal.raise_signal(signal.SIGINT)
 
 
-def test_an_interrupted_okd_run_resumes_to_the_uninterrupted_student(model_dirs, tmp_path):
+def test_an_interrupted_okd_run_resumes_to_the_uninterrupted_student(model_dirs, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     run = partial(distill, model_dirs["teacher"], model_dirs["student"], RECORDS * 2, loss="okd", steps=6,
@@ -289,8 +289,13 @@ def test_an_interrupted_okd_run_resumes_to_the_uninterrupted_student(model_dirs,
     with pytest.raises(ValueError, match="other settings \\(loss='okd' there, 'fkl' here"):
         run(out_dir=tmp_path / "cut", resume_from_checkpoint=True, loss="fkl")
 
+    import transformers.trainer
+
+    warned = []
+    monkeypatch.setattr(transformers.trainer.logger, "warning", lambda message, *a, **k: warned.append(message))
     resumed = run(out_dir=tmp_path / "cut", resume_from_checkpoint=True)
     assert not resumed.interrupted and resumed.steps_done == 6
+    assert not [m for m in warned if "missing keys" in m]  # the tied LM head is not reported as missing
     assert resumed.before == cut.before  # measured at the start and stored, not measured again
     initial = AutoModelForCausalLM.from_pretrained(model_dirs["student"]).state_dict()
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "whole").state_dict()
@@ -308,3 +313,15 @@ def test_resume_without_a_checkpoint_says_so(model_dirs, tmp_path, capsys):
                  "--data", "zoo:docstrings", "--out", str(tmp_path / "empty"), "--resume"])
     assert code == 2
     assert "No checkpoint in" in capsys.readouterr().err
+
+
+def test_only_a_tied_head_is_left_out_of_the_missing_keys(tokenizer):
+    from kdviz.train import untied_missing_keys
+
+    model = tiny_gpt2(tokenizer)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert untied_missing_keys(model, ["lm_head.weight"]) == []
+    assert untied_missing_keys(model, ["lm_head.weight", "transformer.h.0.attn.c_attn.weight"]) == [
+        "transformer.h.0.attn.c_attn.weight"]
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied: really missing
+    assert untied_missing_keys(model, ["lm_head.weight"]) == ["lm_head.weight"]
