@@ -45,7 +45,8 @@ def _add_pair_options(parser: argparse.ArgumentParser, *, student_help: str, cac
                                  "running it (give --teacher or this)")
     parser.add_argument("--student", required=True, help=student_help)
     parser.add_argument("--data", required=True,
-                        help="zoo:code, zoo:docstrings, zoo:topics, a .jsonl/.json/.parquet file of records, or a text file/folder")
+                        help="zoo:code, zoo:docstrings, zoo:topics, a .jsonl/.json/.parquet file of records, "
+                             "or a text file/folder")
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:

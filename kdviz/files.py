@@ -108,6 +108,26 @@ def file_digest(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def file_checksums(paths) -> dict[str, str]:
+    """{file name: `file_digest`} of `paths`, to record beside them and check later with `changed_file`."""
+    return {Path(path).name: file_digest(path) for path in paths}
+
+
+def changed_file(folder: Path, recorded: dict[str, str], *, since: str) -> str | None:
+    """The first file of `recorded` (name -> `file_digest`) in `folder` that is missing, unreadable or has other
+    bytes, said in words ("NAME has changed since <since> (...)"), or None when all match."""
+    for name, expected in recorded.items():
+        try:
+            found = file_digest(folder / name)
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except OSError as err:
+            return f"{name} cannot be read ({err.strerror or err})"
+        if found != expected:
+            return f"{name} has changed since {since} (xxh3 {found}, recorded {expected})"
+    return None
+
+
 def check_writable(path: str | os.PathLike, *, what: str, folder: bool = False) -> Path:
     """ValueError unless `path` (a file, or a folder with folder=True) can be written; nothing is left behind.
 

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from kdviz.data import IGNORE_INDEX, TokenDataset, collate, pad_id
 from kdviz.decompose import check_count, check_temperature
-from kdviz.files import expand, file_digest, new_folder
+from kdviz.files import changed_file, expand, file_checksums, new_folder
 from kdviz.losses import TopKRows, bucketed
 
 PER_TOKEN = ("ids", "logprobs", "target_logp", "tail_logp")
@@ -72,20 +72,6 @@ def target_rows(example) -> list[int]:
 META_KEYS = {"teacher", "teacher_fingerprint", "tokenizer", "data", "data_description", "template", "examples",
              "tokens", "top_k", "temperature", "vocab_size", "max_length"}
 SAMPLE_ROWS = 4096  # rows whose values `TeacherCache.open` checks
-
-
-def _checksum_problem(folder: Path, meta: dict) -> str | None:
-    """Which array file's bytes differ from the xxh3 checksum meta.json recorded when the cache was made, or None.
-
-    (Caches made before kdviz recorded checksums have none; their arrays get only the sampled checks.)"""
-    for name, recorded in (meta.get("checksums") or {}).items():
-        try:
-            found = file_digest(folder / name)
-        except OSError as err:
-            return f"{name} cannot be read ({err.strerror or err})"
-        if found != recorded:
-            return f"{name} has changed since the cache was made (xxh3 {found}, recorded {recorded})"
-    return None
 
 
 def _array_problem(arrays: dict, meta: dict) -> str | None:
@@ -164,7 +150,9 @@ class TeacherCache:
             arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
         except (OSError, ValueError) as err:
             raise ValueError(f"The teacher cache {folder} is damaged ({err}); make it again.") from None
-        problem = _checksum_problem(folder, meta) or _array_problem(arrays, meta)
+        # (caches made before kdviz recorded checksums have none: their arrays get only the sampled checks)
+        problem = changed_file(folder, meta.get("checksums") or {}, since="the cache was made") or \
+            _array_problem(arrays, meta)
         if problem:
             raise ValueError(f"The teacher cache {folder} is damaged: {problem}. Make it again with "
                              "`kdviz teacher-cache`.")
@@ -262,7 +250,7 @@ def build(teacher, tokenizer, dataset: TokenDataset, out: str | os.PathLike, *, 
             array.flush()
         del arrays
         meta["bytes_per_token"] = sum((stage / f"{n}.npy").stat().st_size for n in PER_TOKEN) / max(1, total)
-        meta["checksums"] = {f"{n}.npy": file_digest(stage / f"{n}.npy") for n in ARRAYS}  # checked at every open
+        meta["checksums"] = file_checksums(stage / f"{n}.npy" for n in ARRAYS)  # checked at every open
         (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return TeacherCache.open(out)
 

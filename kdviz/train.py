@@ -44,7 +44,8 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArgu
 from kdviz.data import IGNORE_INDEX, TokenDataset, collate, pad_id
 from kdviz.decompose import check_count
 from kdviz.distributed import barrier, broadcast
-from kdviz.files import TEMP_MARK, check_writable, expand, file_digest, staged_folder, write_text, write_with
+from kdviz.files import (TEMP_MARK, changed_file, check_writable, expand, file_checksums, staged_folder, write_text,
+                         write_with)
 from kdviz.teacher_cache import CachedPair, TeacherCache, example_key
 from kdviz.losses import OBJECTIVES, TokenSplit, TopKRows, get_loss
 from kdviz.models import ModelPair, final_hidden, head_is_linear, model_logits, output_head
@@ -492,7 +493,9 @@ class DistillTrainer(Trainer):
 
                 weights = {key: value.contiguous() for key, value in self.adapter.state_dict().items()}
                 write_with(folder / ADAPTER_WEIGHTS, lambda temp: save_file(weights, str(temp)), what="OKD adapter")
-            mark = {**run_settings(self.args), "inputs": self.run_inputs, "files": file_checksums(folder)}
+            files = file_checksums(path for path in sorted(folder.iterdir())  # about 1 s per GB
+                                   if path.is_file() and path.name != CHECKPOINT_MARK and TEMP_MARK not in path.name)
+            mark = {**run_settings(self.args), "inputs": self.run_inputs, "files": files}
             write_text(folder / CHECKPOINT_MARK, json.dumps(mark, indent=2), what="checkpoint mark")
 
     def _issue_warnings_after_load(self, load_result) -> None:
@@ -683,12 +686,6 @@ def checkpoint_step(checkpoint: Path) -> int:
     return state["global_step"]
 
 
-def file_checksums(folder: Path) -> dict[str, str]:
-    """xxh3 of every file a checkpoint holds (its mark aside; about 1 s per GB): a resumed run checks them first."""
-    return {path.name: file_digest(path) for path in sorted(folder.iterdir())
-            if path.is_file() and path.name != CHECKPOINT_MARK and TEMP_MARK not in path.name}
-
-
 def run_inputs(pair, train: TokenDataset, evaluation: TokenDataset) -> dict:
     """What a run is made from: the models (or cache) by their weights, the training and held-out examples by
     their token ids (so data, limit, template, max length and eval size are all in it)."""
@@ -727,13 +724,11 @@ def resume_point(out_dir: str | Path | None, resume: bool | str, args: DistillCo
             raise ValueError(f"{path} is not a complete kdviz checkpoint (no {CHECKPOINT_MARK}); give a "
                              f"checkpoint-N folder written by kdviz distill, or True for the latest in --out.")
     saved, now = _read_json(path / CHECKPOINT_MARK, "checkpoint mark"), run_settings(args)
-    for name, expected in saved.get("files", {}).items():
-        problem = "missing" if not (path / name).is_file() else "changed since it was written (its checksum differs)" \
-            if file_digest(path / name) != expected else None
-        if problem:
-            earlier = [p.name for p in checkpoints(path.parent) if p != path]
-            raise ValueError(f"The checkpoint {path} is damaged: {name} is {problem}. Delete {path} and resume "
-                             f"again{' (from ' + earlier[-1] + ')' if earlier else ''}, or start anew in another --out.")
+    problem = changed_file(path, saved.get("files", {}), since="it was written")
+    if problem:
+        earlier = [p.name for p in checkpoints(path.parent) if p != path]
+        raise ValueError(f"The checkpoint {path} is damaged: {problem}. Delete {path} and resume "
+                         f"again{' (from ' + earlier[-1] + ')' if earlier else ''}, or start anew in another --out.")
     differ = [f"{key}={saved.get(key)!r} there, {now[key]!r} here" for key in now
               if key != "layout" and saved.get(key) != now[key]]
     if differ:

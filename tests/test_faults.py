@@ -633,7 +633,7 @@ def test_resume_refuses_other_inputs_and_a_damaged_checkpoint(model_dirs, tmp_pa
     weights = out / "checkpoint-1" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # half-copied
     code, _, err = run_cli([*base, "--data", data, "--eval-size", "4", "--resume"], capsys)
-    assert code == 2 and "checkpoint-1 is damaged: model.safetensors is changed since it was written" in err, err
+    assert code == 2 and "checkpoint-1 is damaged: model.safetensors has changed since it was written" in err, err
     mark = out / "checkpoint-1" / "kdviz_checkpoint.json"
     mark.write_text(mark.read_text()[:40])
     code, _, err = run_cli([*base, "--data", data, "--eval-size", "4", "--resume"], capsys)
