@@ -41,7 +41,7 @@ BATCH_TOKENS = 16384
 def load(teacher: str, student: str, device: str, dtype: str):
     """The pair; student "cut:N" is the teacher's first N layers (with its final norm and head)."""
     from kdviz import load_pair
-    from kdviz.models import ModelPair
+    from kdviz.pair import ModelPair
 
     if not student.startswith("cut:"):
         return load_pair(teacher, student, device=device, dtype=getattr(torch, dtype))
@@ -72,7 +72,7 @@ def dataset(kind: str, pair, documents: int):
 @torch.inference_mode()
 def bare_forward(pair, data) -> None:
     """The best simple way: sort by length, batch to the token budget, both models' logits."""
-    from kdviz.analyze import length_batches
+    from kdviz.batching import length_batches
     from kdviz.data import collate, pad_id
 
     lengths = [len(ex.input_ids) for ex in data]

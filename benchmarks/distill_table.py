@@ -80,8 +80,8 @@ REAL_TEACHER, REAL_STUDENT = "zoo:smollm2-135m", "zoo:smollm2-student"
 def real_cache(args) -> str:
     """A top-64 cache of the real teacher on the data (made once, kept under benchmarks/results/)."""
     from kdviz.data import load_data
-    from kdviz.models import load_pair
-    from kdviz.teacher_cache import build
+    from kdviz.pair import load_pair
+    from kdviz.cache import build
 
     folder = Path("benchmarks/results/cache-smollm2-docstrings-k64")
     if not (folder / "meta.json").is_file():

@@ -25,7 +25,7 @@ KS = (16, 64, 256)
 def main() -> None:
     from kdviz import analyze, load_pair
     from kdviz.data import load_data
-    from kdviz.teacher_cache import build, load_cached_pair
+    from kdviz.cache import build
     from kdviz.train import distill
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,7 +46,7 @@ def main() -> None:
         for k in KS:
             cache = build(pair.teacher, pair.tokenizer, data, Path(folder) / f"k{k}", top_k=k,
                           teacher_name=args.teacher, max_length=args.max_length, progress=False)
-            table = analyze(load_cached_pair(cache.folder, args.student, device="cpu"), data, cache=False,
+            table = analyze(load_pair(None, args.student, teacher_cache=cache.folder, device="cpu"), data, cache=False,
                             progress=False).df
             errors = {}
             for name in ("kl", "dkd"):

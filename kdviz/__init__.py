@@ -10,8 +10,8 @@ True
 __version__ = "0.1.0"
 
 from kdviz import losses
-from kdviz.analyze import Summary, TokenTable, analyze
-from kdviz.decompose import TokenStats, decompose
-from kdviz.models import ModelPair, load_pair
+from kdviz.analysis import Summary, TokenTable, analyze
+from kdviz.maths.decomposition import TokenStats, decompose
+from kdviz.pair import ModelPair, load_pair
 
 __all__ = ["losses", "ModelPair", "Summary", "TokenStats", "TokenTable", "analyze", "decompose", "load_pair"]

@@ -1,4 +1,4 @@
-"""The zoo's corpus: the Python standard library of the running interpreter.
+"""Text every Python installation has: the standard library's source and the Python reference's topics.
 
 Every Python installation already has this text, so the zoo needs no download. Files are
 read at run time (never copied into the repository) and split into train and held-out by
@@ -7,14 +7,17 @@ a stable hash of their module path, so the split does not depend on the file sys
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
+import textwrap
 import sysconfig
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 HELDOUT_EVERY = 10  # one module path in ten (by hash) is held out
+HELDOUT_TOPICS_EVERY = 4  # one topic in four (by hash of its name) is held out
 SKIPPED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dist-packages"}
 
 
@@ -89,3 +92,47 @@ class Corpus:
         for relpath in self.files:
             h.update(relpath.encode() + b"\0" + (self.root / relpath).read_bytes() + b"\0")
         return h.hexdigest()[:16]
+
+
+def docstring_pairs(texts: list[str], names: list[str]) -> list[dict]:
+    """Instruction-style pairs from Python source: prompt = signature + docstring, response = body."""
+    pairs = []
+    for name, text in zip(names, texts):
+        try:
+            tree = ast.parse(text)
+        except SyntaxError:
+            continue
+        lines = text.splitlines(keepends=True)
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or ast.get_docstring(node) is None:
+                continue
+            if len(node.body) < 2:
+                continue
+            first = (node.decorator_list[0].lineno if node.decorator_list else node.lineno) - 1
+            split = node.body[0].end_lineno
+            source = textwrap.dedent("".join(lines[first : node.end_lineno]))
+            source_lines = source.splitlines(keepends=True)
+            prompt, response = "".join(source_lines[: split - first]), "".join(source_lines[split - first :])
+            pairs.append({"prompt": prompt, "response": response, "source": f"{name}:{node.lineno}"})
+    return pairs
+
+
+def topic_is_heldout(name: str) -> bool:
+    return int(hashlib.sha256(name.encode()).hexdigest(), 16) % HELDOUT_TOPICS_EVERY == 0
+
+
+def topic_pairs(*, heldout: bool, max_chars: int = 1200) -> list[dict]:
+    """The Python reference's topics as instruction pairs: "Explain <title> in Python." -> its first paragraphs."""
+    import pydoc_data.topics
+
+    pairs = []
+    for name, text in sorted(pydoc_data.topics.topics.items()):
+        if topic_is_heldout(name) != heldout:
+            continue
+        title, _, body = text.strip().partition("\n")
+        body = body.lstrip("*\n ").strip()
+        cut = body.rfind("\n\n", 0, max_chars)
+        response = body[: cut if cut > 200 else max_chars].strip()
+        pairs.append({"prompt": f"Explain {title.strip()} in Python.\n", "response": response,
+                      "source": f"pydoc_data.topics:{name}"})
+    return pairs

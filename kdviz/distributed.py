@@ -64,3 +64,19 @@ def broadcast(value, *, source: int = 0):
     box = [value]
     dist.broadcast_object_list(box, src=source)
     return box[0]
+
+
+def gathered(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A tensor sharded by FSDP2 (a DTensor) gathered whole, its gradient averaged over the ranks; others as they are."""
+    if tensor is None or not dist.is_available():
+        return tensor
+    from torch.distributed.tensor import DTensor, Partial
+
+    if not isinstance(tensor, DTensor):
+        return tensor
+    return tensor.full_tensor(grad_placements=[Partial("avg")] * tensor.device_mesh.ndim)
+
+
+def world_size() -> int:
+    """Processes in the running process group (1 when none is running)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

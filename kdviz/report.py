@@ -10,7 +10,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import polars as pl
 
-from kdviz.analyze import TokenTable
+from kdviz.analysis.table import TokenTable
 from kdviz.files import write_text
 
 GROUP_COLORS = {"hard": "#d62728", "easy": "#1f77b4"}

@@ -11,6 +11,11 @@ from pathlib import Path
 import polars as pl
 
 from kdviz import zoo
+from kdviz.analysis import analyze
+from kdviz.cache import TeacherCache, build
+from kdviz.data import load_data
+from kdviz.pair import load_pair
+from kdviz.train import distill
 
 
 @dataclass
@@ -29,8 +34,6 @@ class PairComparison:
 def compare_pairs(pairs: list[tuple[str, str]], data, *, limit: int | None = None, k: float = 0.5,
                   template: str = "auto", device: str | None = None) -> PairComparison:
     """Analyse each (teacher, student) pair on `data` (same data, same k) and put the results side by side."""
-    from kdviz import analyze, load_pair
-
     summaries, tokens = [], []
     for teacher, student in pairs:
         table = analyze(load_pair(teacher, student, device=device), data, k=k, limit=limit, template=template,
@@ -65,8 +68,6 @@ def teacher_size_study(teachers: list[str], student: str, data, *, losses=("fkl"
     With `cache_dir`, each teacher runs once: its top-k cache (`kdviz.teacher_cache`) is made
     there (or reused) and every loss but OKD reads the teacher from it.
     """
-    from kdviz.train import distill
-
     rows = []
     for teacher in teachers:
         cache = None if cache_dir is None else teacher_cache_for(teacher, student, data, cache_dir, top_k=top_k,
@@ -84,12 +85,8 @@ def teacher_size_study(teachers: list[str], student: str, data, *, losses=("fkl"
 def teacher_cache_for(teacher: str, student: str, data, folder: str | Path, *, top_k: int = 64, limit=None,
                       template: str = "auto", max_length: int | None = None, **_) -> Path:
     """A top-k cache of `teacher` on `data` in `folder` (tokenized for the pair), made once and reused."""
-    from kdviz import load_pair
-    from kdviz.data import load_data
-    from kdviz.teacher_cache import TeacherCache, build
-
     pair = load_pair(teacher, student, device="cpu")
-    context = min(pair.max_length or 1024, max_length or 10**9)
+    context = pair.context(max_length)
     dataset = load_data(data, pair.tokenizer, max_length=context, limit=limit, template=template)
     path = Path(folder) / f"{teacher.replace(':', '-').replace('/', '-')}-{dataset.fingerprint[:8]}-k{top_k}"
     if not (path / "meta.json").is_file():

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kdviz.decompose import decompose
+from kdviz.maths.decomposition import decompose
 
 
 def toy_logits(*, target_prob: float, spread: float, vocab: int = 8) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
 
-from kdviz.zoo import train_tokenizer
+from kdviz.zoo.ladder import train_tokenizer
 
 TEXTS = [
     "def add(a, b):\n    \"\"\"Return the sum.\"\"\"\n    return a + b\n",

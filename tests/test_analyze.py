@@ -6,7 +6,7 @@ import torch
 
 from conftest import TEXTS
 from kdviz import TokenTable, analyze
-from kdviz.decompose import SCALAR_FIELDS
+from kdviz.maths.decomposition import SCALAR_FIELDS
 
 RECORDS = [
     {"prompt": f"Q{i}:\n", "response": TEXTS[i % len(TEXTS)]} for i in range(7)
@@ -102,8 +102,7 @@ def test_cache_hit_skips_the_models(tmp_path, pair, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the models ran although the result was cached")
 
-    monkeypatch.setattr(type(pair), "logits", fail)
-    monkeypatch.setattr(type(pair), "hidden", fail)
+    monkeypatch.setattr(type(pair.source), "decompose", fail)
     again = analyze(pair, RECORDS[:3], cache_dir=tmp_path, progress=False)
     assert again.df.equals(first.df)
     with pytest.raises(AssertionError, match="models ran"):

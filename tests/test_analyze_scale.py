@@ -15,8 +15,8 @@ import torch
 
 from conftest import TEXTS
 from kdviz import TokenTable, analyze
-from kdviz.analyze import length_batches, plan_parts
-from kdviz.decompose import SCALAR_FIELDS
+from kdviz.batching import length_batches, plan_parts
+from kdviz.maths.decomposition import SCALAR_FIELDS
 
 RECORDS = [{"prompt": f"Q{i}:" + " why" * (i % 5), "response": TEXTS[i % len(TEXTS)][: 20 + 7 * i]} for i in range(14)]
 SPLITS = ["sequence", "batch", "dataset"]
@@ -72,8 +72,8 @@ def test_parts_and_batches_are_planned_by_length():
 @pytest.mark.parametrize("split", SPLITS)
 def test_an_interrupted_run_resumes_from_its_finished_parts_to_the_same_table(pair, reference, split, tmp_path,
                                                                              monkeypatch, capsys):
-    module = sys.modules["kdviz.analyze"]  # (the package exports the function under the same name)
-    original, calls = module._part_frame, []
+    module = sys.modules["kdviz.analysis.run"]  # (where analyze computes its parts)
+    original, calls = module.part_frame, []
 
     def interrupted_after_two_parts(*args, **kwargs):
         if len(calls) == 2:
@@ -81,12 +81,12 @@ def test_an_interrupted_run_resumes_from_its_finished_parts_to_the_same_table(pa
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(module, "_part_frame", interrupted_after_two_parts)
+    monkeypatch.setattr(module, "part_frame", interrupted_after_two_parts)
     with pytest.raises(KeyboardInterrupt):
         analyze(pair, RECORDS, split=split, k=0.3, batch_size=GROUP, part_tokens=40, cache_dir=tmp_path,
                 progress=False)
     assert len(list((tmp_path / "analyze").glob("*.parts/part-*.parquet"))) == 2
-    monkeypatch.setattr(module, "_part_frame", original)
+    monkeypatch.setattr(module, "part_frame", original)
     resumed = analyze(pair, RECORDS, split=split, k=0.3, batch_size=GROUP, part_tokens=40, cache_dir=tmp_path,
                       progress=False)
     assert "reusing 2 of" in capsys.readouterr().err
@@ -96,7 +96,8 @@ def test_an_interrupted_run_resumes_from_its_finished_parts_to_the_same_table(pa
 
 def test_the_soft_capped_fallback_gives_the_same_table(pair, reference, monkeypatch):
     monkeypatch.setattr(type(pair), "linear_heads", property(lambda self: False))
-    monkeypatch.setattr(type(pair), "hidden", lambda *a: (_ for _ in ()).throw(AssertionError("hidden path used")))
+    monkeypatch.setattr("kdviz.teachers.decompose_hidden",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("hidden path used")))
     table = analyze(pair, RECORDS, split="dataset", k=0.3, batch_size=GROUP, cache=False, progress=False)
     assert_same_table(table.df, reference["dataset"])
 

@@ -28,7 +28,7 @@ import pytest
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "kdviz" / "notebooks"
 SMALL = {
     "01_token_inspector": {"limit": 4},
     "03_distill": {"teachers": ["zoo:teacher-s"], "steps": 4, "limit": 24, "compare": []},

@@ -1,6 +1,7 @@
 import json
 import re
 import subprocess
+import shlex
 import sys
 
 import polars as pl
@@ -77,10 +78,12 @@ def test_notebooks_are_copied_where_the_user_is(tmp_path, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
-def test_demo_hint_points_to_a_notebook_that_exists_from_any_folder(tmp_path, capsys, monkeypatch):
+def test_demo_hint_leads_to_a_notebook_that_exists_from_any_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["demo", "--teacher", "zoo:teacher-s", "--student", "zoo:student", "--limit", "2", "--device",
                  "cpu"]) == 0
     hint = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Explore:")][0]
-    path = hint.split("jupyter lab ")[1].split()[0]
-    assert path.endswith("01_token_inspector.ipynb") and (tmp_path / path).is_file()  # absolute, or here
+    copy, open_it = hint.removeprefix("Explore:").split("(")[0].strip().split(" && ")
+    assert main(shlex.split(copy)[1:]) == 0  # `kdviz notebooks --out DIR`, as the hint says
+    path = open_it.split("jupyter lab ")[1].split()[0]
+    assert path.endswith("01_token_inspector.ipynb") and (tmp_path / path).is_file()

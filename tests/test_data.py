@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from kdviz.data import IGNORE_INDEX, collate, docstring_pairs, from_texts, load_data
+from kdviz.corpus import docstring_pairs
+from kdviz.data import IGNORE_INDEX, collate, from_texts, load_data
 
 
 def write_jsonl(path, records):

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kdviz import decompose
-from kdviz.decompose import SCALAR_FIELDS
+from kdviz.maths.decomposition import SCALAR_FIELDS
 from reference import reference_stats
 
 

@@ -135,7 +135,7 @@ def fsdp_heads(student_dir: str, out: str) -> None:
 
     from kdviz.data import from_records
     from kdviz.losses import get_loss
-    from kdviz.train import _batch_dict
+    from kdviz.train.trainer import batch_dict as _batch_dict
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

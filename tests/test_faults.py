@@ -497,7 +497,7 @@ def test_a_signal_arriving_while_an_interrupt_is_reported_still_exits_130_with_t
     def interrupted_analysis(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "run_analyze", interrupted_analysis)
+    monkeypatch.setitem(cli.HANDLERS, "analyze", interrupted_analysis)
     monkeypatch.setattr(sys, "stderr", stderr)
     code = main(["analyze", "--teacher", "t", "--student", "s", "--data", "d", "--out", "t.parquet"])
     assert code == 130 and "kdviz analyze: interrupted" in stderr.text and "finished parts are kept" in stderr.text
@@ -559,7 +559,7 @@ def test_a_second_run_of_the_same_analysis_waits_for_the_first_and_reuses_its_re
 
 
 def test_a_full_disk_under_out_leaves_a_good_cache_entry_alone(pair, tmp_path, monkeypatch):
-    analyze_module = sys.modules["kdviz.analyze"]  # (kdviz.analyze is also the function)
+    analyze_module = sys.modules["kdviz.analysis.store"]  # (where the table is copied to --out)
     analyze(pair, RECORDS, cache_dir=tmp_path, progress=False)
 
     def out_disk_full(source, target):

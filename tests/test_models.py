@@ -3,8 +3,9 @@ import torch
 
 from conftest import TEXTS, tiny_gpt2
 from kdviz import load_pair
-from kdviz.models import ModelPair, check_same_tokenizer, fingerprint
-from kdviz.zoo import train_tokenizer
+from kdviz.models import fingerprint
+from kdviz.pair import ModelPair, check_same_tokenizer
+from kdviz.zoo.ladder import train_tokenizer
 
 
 def test_load_pair_from_local_folders(pair, tokenizer):

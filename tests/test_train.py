@@ -13,8 +13,11 @@ from conftest import tiny_gpt2
 from kdviz import load_pair
 from kdviz.data import from_records
 from kdviz.losses import get_loss
-from kdviz.train import (DistillConfig, DistillTrainer, OnlineAdapter, _batch_dict, disable_dropout, distill,
-                         evaluate_student, rouge_l)
+from kdviz.train import DistillConfig, DistillTrainer, distill, evaluate_student
+from kdviz.train.evaluate import rouge_l
+from kdviz.train.okd import OnlineAdapter
+from kdviz.train.trainer import batch_dict as _batch_dict
+from kdviz.train.trainer import disable_dropout
 
 RECORDS = [{"prompt": f"def f{i}(a, b):\n    \"\"\"Return the sum.\"\"\"\n", "response": "    return a + b\n"}
            for i in range(6)] + [{"prompt": "The teacher knows", "response": " more than the student."}] * 4
@@ -190,7 +193,7 @@ def test_cli_distill_runs_and_reports(model_dirs, tmp_path):
 
 
 def test_trainer_evaluate_reports_and_logs_the_student_metrics(tokenizer, tmp_path):
-    from kdviz.models import ModelPair
+    from kdviz.pair import ModelPair
 
     trainer, data = make_trainer(tokenizer, tmp_path, loss="fkl")
     metrics = trainer.evaluate()
@@ -316,7 +319,7 @@ def test_resume_without_a_checkpoint_says_so(model_dirs, tmp_path, capsys):
 
 
 def test_only_a_tied_head_is_left_out_of_the_missing_keys(tokenizer):
-    from kdviz.train import untied_missing_keys
+    from kdviz.train.trainer import untied_missing_keys
 
     model = tiny_gpt2(tokenizer)
     assert model.lm_head.weight is model.transformer.wte.weight

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from kdviz import load_pair, zoo
+from kdviz.zoo import ladder
 from kdviz.corpus import Corpus
 from kdviz.data import load_data
 
@@ -26,7 +27,7 @@ def test_corpus_split_is_stable_and_skips_tests():
 def tiny_zoo(tmp_path_factory):
     root = tmp_path_factory.mktemp("zoo")
     started = time.perf_counter()
-    manifests = zoo.build(root, tiny=True, progress=False)
+    manifests = ladder.build(root, tiny=True, progress=False)
     return root, manifests, time.perf_counter() - started
 
 
@@ -76,9 +77,9 @@ def test_loss_on_unseen_code_falls_with_teacher_size():
     """kdviz's own source: Python code none of the zoo saw."""
     tokenizer = zoo.load_tokenizer()
     texts = [p.read_text() for p in sorted(KDVIZ_SOURCE.glob("*.py"))]
-    stream = zoo.token_stream(texts, tokenizer)
-    windows = zoo.windows(stream, 256)[:48]
-    losses = [zoo.mean_loss(zoo.load(name)[0], windows) for name in LADDER]
+    stream = ladder.token_stream(texts, tokenizer)
+    windows = ladder.windows(stream, 256)[:48]
+    losses = [ladder.mean_loss(zoo.load(name)[0], windows) for name in LADDER]
     assert losses == sorted(losses, reverse=True) and len(set(losses)) == 4, losses
 
 

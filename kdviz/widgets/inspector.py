@@ -12,7 +12,7 @@ import ipywidgets as w
 import plotly.graph_objects as go
 import polars as pl
 
-from kdviz.analyze import TokenTable
+from kdviz.analysis.table import TokenTable
 from kdviz.widgets.style import DIM_INK, WIDE, hard_css, legend_html, readable_ink, token_colors
 from kdviz.widgets.strip import TokenStrip
 

@@ -1,4 +1,4 @@
-"""The real pair: `zoo:smollm2-135m` (SmolLM2-135M-Instruct, fetched) and `zoo:smollm2-student`.
+"""The real pair's student, `zoo:smollm2-student`, trained for `zoo:smollm2-135m` (SmolLM2-135M-Instruct).
 
 The student is a small Llama (6 x 96, 5.3M parameters, 10.6 MB of fp16 weights) with the teacher's
 49,152-token tokenizer, trained by kdviz (`kdviz zoo build --only smollm2-student`): its
@@ -11,7 +11,6 @@ knows the chat format. Held-out loss is measured on held-out code windows.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import time
@@ -20,9 +19,15 @@ from pathlib import Path
 
 import torch
 
+from kdviz.corpus import Corpus, docstring_pairs, topic_is_heldout, topic_pairs
+from kdviz.data import Record, format_record
+from kdviz.files import staged_folder
+from kdviz.models import load_model
+from kdviz.zoo import ladder
+from kdviz.zoo.registry import PREFIX, zoo_dir
+
 TEACHER = "zoo:smollm2-135m"
 STUDENT = "smollm2-student"
-HELDOUT_TOPICS_EVERY = 4  # one topic in four (by hash of its name) is held out
 
 
 @dataclass(frozen=True)
@@ -44,33 +49,9 @@ TINY_STUDENT = StudentSpec(hidden=32, layers=1, heads=1, kv_heads=1, intermediat
                            batch_size=4, code_tokens=20_000)
 
 
-def topic_is_heldout(name: str) -> bool:
-    return int(hashlib.sha256(name.encode()).hexdigest(), 16) % HELDOUT_TOPICS_EVERY == 0
-
-
-def topic_pairs(*, heldout: bool, max_chars: int = 1200) -> list[dict]:
-    """The Python reference's topics as instruction pairs: "Explain <title> in Python." -> its first paragraphs."""
-    import pydoc_data.topics
-
-    pairs = []
-    for name, text in sorted(pydoc_data.topics.topics.items()):
-        if topic_is_heldout(name) != heldout:
-            continue
-        title, _, body = text.strip().partition("\n")
-        body = body.lstrip("*\n ").strip()
-        cut = body.rfind("\n\n", 0, max_chars)
-        response = body[: cut if cut > 200 else max_chars].strip()
-        pairs.append({"prompt": f"Explain {title.strip()} in Python.\n", "response": response,
-                      "source": f"pydoc_data.topics:{name}"})
-    return pairs
-
-
 def _training_texts(tokenizer, spec: StudentSpec) -> list[str]:
     """Code (train split), prose (train topics) and chat-formatted pairs, as texts to stream."""
     import pydoc_data.topics
-
-    from kdviz.corpus import Corpus
-    from kdviz.data import Record, docstring_pairs, format_record
 
     corpus = Corpus.from_stdlib()
     code, tokens = [], 0
@@ -112,17 +93,14 @@ def pca_embedding(teacher_embedding: torch.Tensor, width: int) -> torch.Tensor:
 def build_student(out_dir: str | Path | None = None, *, tiny: bool = False, device: str | None = None,
                   progress: bool = True) -> dict:
     """Train `zoo:smollm2-student` from the teacher's tokenizer and embedding; writes it with its manifest."""
-    from kdviz import zoo
-    from kdviz.corpus import Corpus
-    from kdviz.files import staged_folder
 
     spec = TINY_STUDENT if tiny else StudentSpec()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    teacher, tokenizer = zoo.load(TEACHER)
+    teacher, tokenizer = load_model(TEACHER, device="cpu", dtype=torch.float32)
     texts = _training_texts(tokenizer, spec)
-    stream = zoo.token_stream(texts, tokenizer)
-    train = zoo.windows(stream, spec.context)
-    heldout = zoo.windows(zoo.token_stream(Corpus.from_stdlib().texts("heldout"), tokenizer), spec.context)[:64]
+    stream = ladder.token_stream(texts, tokenizer)
+    train = ladder.windows(stream, spec.context)
+    heldout = ladder.windows(ladder.token_stream(Corpus.from_stdlib().texts("heldout"), tokenizer), spec.context)[:64]
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(spec.seed)
@@ -130,26 +108,26 @@ def build_student(out_dir: str | Path | None = None, *, tiny: bool = False, devi
     with torch.no_grad():
         model.get_input_embeddings().weight.copy_(pca_embedding(teacher.get_input_embeddings().weight, spec.hidden))
     del teacher
-    model_spec = zoo.ModelSpec(n_embd=spec.hidden, n_layer=spec.layers, n_head=spec.heads, steps=spec.steps,
+    model_spec = ladder.ModelSpec(n_embd=spec.hidden, n_layer=spec.layers, n_head=spec.heads, steps=spec.steps,
                                lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed)
     started = time.perf_counter()
-    model = zoo.train_model(model, train, model_spec, device=device, desc=STUDENT, progress=progress)
+    model = ladder.train_model(model, train, model_spec, device=device, desc=STUDENT, progress=progress)
     seconds = time.perf_counter() - started
     manifest = {
-        "name": zoo.PREFIX + STUDENT,
+        "name": PREFIX + STUDENT,
         "description": f"a {spec.layers} x {spec.hidden} Llama with SmolLM2's tokenizer, trained by kdviz with "
                        "cross-entropy on stdlib code, the Python reference's prose and chat-formatted pairs",
         "source": "trained by kdviz (kdviz zoo build --only smollm2-student)", "licence": "Apache-2.0",
         "parameters": sum(p.numel() for p in model.parameters()),
         "tokens_seen": spec.steps * spec.batch_size * spec.context,
-        "heldout_loss": round(zoo.mean_loss(model, heldout.to(device)), 4),
+        "heldout_loss": round(ladder.mean_loss(model, heldout.to(device)), 4),
         "settings": asdict(spec),
         "corpus": {"python": platform.python_version(), "train_tokens": int(train.numel()),
                    "eval_tokens": int(heldout.numel()), "texts": len(texts)},
         "environment": {"torch": torch.__version__, "device": device},
         "train_seconds": round(seconds, 1),
     }
-    out = Path(out_dir) if out_dir else zoo.zoo_dir()
+    out = Path(out_dir) if out_dir else zoo_dir()
     with staged_folder(out / STUDENT, what="zoo model folder") as stage:  # each file renamed into place
         model.half().save_pretrained(stage, safe_serialization=True)
         tokenizer.save_pretrained(stage)

@@ -20,6 +20,9 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from kdviz.checks import check_count, check_temperature
+from kdviz.maths.topk import TopKRows, bucketed
+
 DEFAULT_CHUNK_ELEMENTS = 1 << 21  # rows per chunk = this / V (8 MB of fp32 per tensor)
 
 
@@ -80,25 +83,6 @@ def _check_targets(y: Tensor, vocab: int, ignore_index: int) -> None:
             f"label {bad} is outside the vocabulary [0, {vocab}) and is not ignore_index={ignore_index}; "
             "check that labels come from the same tokenizer as the logits."
         )
-
-
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
-
-
-def check_temperature(temperature) -> float:
-    """ValueError unless `temperature` is a number in [1e-3, 1e3] (outside it, logits / T overflow or flatten)."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
-        raise ValueError(f"temperature must be a number in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got "
-                         f"{temperature!r}; KD uses 1 (ATKD) to about 10.")
-    return float(temperature)
-
-
-def check_count(value, name: str, *, minimum: int) -> int:
-    """ValueError unless `value` is an integer >= minimum."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return value
 
 
 class _Workspace:
@@ -380,3 +364,58 @@ def _assemble(parts: dict[str, list[Tensor]], rows: Tensor, valid: Tensor, top_k
                 full[rows] = torch.cat(parts[key])
             result[key] = full.view(*shape, top_k)
     return TokenStats(valid=valid, **result)
+
+
+@torch.no_grad()
+def decompose_topk(teacher: TopKRows, student_hidden: Tensor, student_head: Tensor, labels: Tensor, *,
+                   student_bias: Tensor | None = None, ignore_index: int = -100, top_k: int = 0,
+                   chunk_rows: int | None = None) -> TokenStats:
+    """`decompose` with the teacher given as top-k rows (read from a teacher cache).
+
+    `teacher` holds one row per valid position of `labels` [B, T], in row-major order; the student
+    is given as final hidden states [B, T, H] and its LM head [V, H]. u, TKD, the target log-probs
+    and everything of the student are exact; DKD, KL, reverse KL and the teacher's entropy are
+    those of the bucketed distributions [target, top-k, tail] (lower bounds, exact when k covers
+    the vocabulary). The teacher's rank of a target outside its top-k is -1 (unknown).
+    """
+    vocab = student_head.shape[0]
+    valid = labels != ignore_index
+    rows = valid.reshape(-1).nonzero().squeeze(1)
+    if len(rows) != len(teacher.target_logp):
+        raise ValueError(f"The teacher cache gives {len(teacher.target_logp)} target tokens for this batch, the labels "
+                         f"{len(rows)}; the cache and the data do not match.")
+    y_flat, student = labels.reshape(-1), _HeadRows(student_hidden, student_head, student_bias)
+    _check_targets(y_flat[rows], vocab, ignore_index)
+    teacher = teacher.to(labels.device)
+    step = min(chunk_rows or max(1, DEFAULT_CHUNK_ELEMENTS // vocab), max(1, len(rows)))
+    full, small = _Workspace(step, vocab, labels.device), _Workspace(step, teacher.ids.shape[1] + 2, labels.device)
+    parts: dict[str, list[Tensor]] = {}
+    for start in range(0, len(rows), step):
+        span = slice(start, start + step)
+        y = y_flat[rows[span]]
+        logits = student.load(rows[span], full.take("s", len(y)))  # (C, V) fp32
+        out = _student_side(logits, y, top_k)
+        chunk = teacher[span]
+        log_p_b, log_q_b = bucketed(out.pop("log_q"), chunk, y)  # (C, k + 2) each
+        buckets = _chunk_stats(small.take("z", len(y)).copy_(log_p_b), small.take("s", len(y)).copy_(log_q_b),
+                               torch.zeros_like(y), 1.0, 0, small)
+        out.update({k: buckets[k] for k in ("unc", "tkd", "dkd", "kl", "rkl", "t_entropy", "t_logp")})
+        if top_k:
+            hit = chunk.ids == y[:, None]
+            out["t_rank"] = torch.where(hit.any(1), hit.float().argmax(1) + 1, -1)
+            out["t_topk_ids"], out["t_topk_probs"] = chunk.ids[:, :top_k], chunk.logprobs[:, :top_k].float().exp()
+        for key, value in out.items():
+            parts.setdefault(key, []).append(value)
+    return _assemble(parts, rows, valid, top_k, device=labels.device)
+
+
+def _student_side(logits: Tensor, y: Tensor, top_k: int) -> dict[str, Tensor]:
+    """Exact student quantities of one chunk of fp32 logits [C, V] (and its log-probs for the buckets)."""
+    log_q = torch.log_softmax(logits, -1)
+    out = {"log_q": log_q, "s_logp": log_q.gather(1, y[:, None])[:, 0],
+           "s_entropy": -torch.where(log_q > float("-inf"), log_q.exp() * log_q, 0.0).sum(1)}
+    if top_k:
+        out["s_rank"] = (logits > logits.gather(1, y[:, None])).sum(1) + 1
+        top = log_q.topk(top_k, dim=1)
+        out["s_topk_ids"], out["s_topk_probs"] = top.indices, top.values.exp()
+    return out

@@ -1,0 +1,7 @@
+"""Analysis: teacher and student over a dataset -> a `TokenTable` (one row per token) and its `Summary`."""
+
+from kdviz.analysis.run import DEFAULT_BATCH_TOKENS, DEFAULT_PART_TOKENS, SPLITS, analyze, check_options
+from kdviz.analysis.table import Summary, TokenTable, visible
+
+__all__ = ["DEFAULT_BATCH_TOKENS", "DEFAULT_PART_TOKENS", "SPLITS", "Summary", "TokenTable", "analyze",
+           "check_options", "visible"]

@@ -1,0 +1,86 @@
+"""`kdviz` command line: analyze, teacher-cache, distill, demo, notebooks, zoo. One module per command."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import warnings
+
+from kdviz.cli import analyze, cache, demo, distill, zoo
+from kdviz.cli.options import EPILOG
+from kdviz.files import KdvizWarning
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kdviz",
+        description="Which tokens are hard to teach, and what does each KD objective do to them?",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    analyze.add_parser(commands)
+    cache.add_parser(commands)
+    demo.add_parsers(commands)
+    distill.add_parser(commands)
+    zoo.add_parser(commands)
+    return parser
+
+
+HANDLERS = {"analyze": analyze.run, "teacher-cache": cache.run, "demo": demo.run_demo, "notebooks": demo.run_notebooks,
+            "distill": distill.run, "zoo": zoo.run}
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"kdviz: warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command not in HANDLERS:
+        parser.print_help()
+        return 2
+    warnings.showwarning = _show_warning
+    warnings.simplefilter("always", KdvizWarning)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill runs the same clean-up as Ctrl-C
+    try:
+        HANDLERS[args.command](args)
+    except ValueError as err:
+        print(f"kdviz {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return _interrupted(args.command)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def _interrupted(command: str) -> int:
+    """Say what an interrupt kept and return 130; signals arriving meanwhile (polars can raise a Ctrl-C twice) wait."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    message = (f"kdviz {command}: interrupted. Files that existed before are unchanged; "
+               f"{INTERRUPTED.get(command, 'run it again to start over.')}")
+    try:
+        for _ in range(2):  # a signal already pending when the handlers changed interrupts the first try
+            try:
+                print(message, file=sys.stderr)
+                break
+            except KeyboardInterrupt:
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 130
+
+
+INTERRUPTED = {"analyze": "finished parts are kept: run the same command again to continue from them."}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

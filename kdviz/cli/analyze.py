@@ -1,0 +1,52 @@
+"""`kdviz analyze`: per-token uncertainty and TKD/DKD of a pair over a dataset -> a parquet table (+ a report)."""
+
+from __future__ import annotations
+
+from kdviz import distributed
+from kdviz.analysis import analyze, check_options
+from kdviz.cli.options import (add_analysis_options, add_data_options, add_pair_options, check_suffix, command,
+                               data_path, fields)
+from kdviz.data import read_data
+from kdviz.files import check_distinct, check_writable
+from kdviz.models import resolve_device
+from kdviz.pair import load_pair
+from kdviz.report import write_report
+
+
+def add_parser(commands) -> None:
+    parser = command(commands, "analyze", "per-token uncertainty and TKD/DKD of a teacher/student pair")
+    add_pair_options(parser, student_help="student model (same tokenizer as the teacher)", cache=True)
+    parser.add_argument("--out", required=True, help="where to write the token table (.parquet)")
+    parser.add_argument("--report", default=None, help="also write an offline HTML report here (.html)")
+    add_data_options(parser)
+    add_analysis_options(parser)
+
+
+def run(args) -> None:
+    check_options(k=args.k, split=args.split, batch_size=args.batch_size, batch_tokens=args.batch_tokens,
+                  top_k=args.top_k, temperature=args.temperature, template=args.template)
+    check_distinct({"--data": data_path(args.data), "--out": args.out, "--report": args.report})
+    check_suffix(args.out, ".parquet", "--out")
+    if args.report:
+        check_suffix(args.report, ".html", "--report")
+    for path, what in ((args.out, "--out file"), (args.report, "--report file")):
+        if path:
+            check_writable(path, what=what)
+    if (args.teacher is None) == (args.teacher_cache is None):
+        raise ValueError("Give the teacher as --teacher MODEL or --teacher-cache DIR (one of them).")
+    source = read_data(args.data, limit=args.limit, **fields(args))  # data checked before any model loads
+    device = distributed.local_device(resolve_device(args.device))
+    pair = load_pair(args.teacher, args.student, teacher_cache=args.teacher_cache, device=device)
+    table = analyze(pair, source, k=args.k, split=args.split, batch_size=args.batch_size,
+                    batch_tokens=args.batch_tokens, top_k=args.top_k, temperature=args.temperature, limit=args.limit,
+                    template=args.template, truncate=args.truncate, cache=not args.no_cache, out=args.out,
+                    max_length=args.max_length, part_tokens=args.part_tokens, lazy=True)
+    if not distributed.world().is_main:
+        return
+    print(table.summary())
+    if pair.source.top_k is not None:
+        print(f"\nThe teacher was read from a top-{pair.source.top_k} cache: u and TKD are exact; DKD and KL use the "
+              "top-k plus one tail bucket, a lower bound of the true values. Rows are the target tokens only.")
+    print(f"\nToken table ({len(table):,} rows): {args.out}")
+    if args.report:
+        print(f"Report: {write_report(table, args.report)}")

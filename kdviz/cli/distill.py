@@ -1,0 +1,87 @@
+"""`kdviz distill`: fine-tune the student from the teacher with a KD objective; Ctrl-C saves, --resume continues."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from kdviz import distributed
+from kdviz.cli.options import add_data_options, add_pair_options, command, data_path, fields, parse_params
+from kdviz.files import check_distinct
+from kdviz.train import LOSSES, distill
+
+
+def add_parser(commands) -> None:
+    distill = command(commands, "distill", "fine-tune the student from the teacher with a KD objective")
+    add_pair_options(distill, student_help="student model to fine-tune (same tokenizer)", cache=True)
+    distill.add_argument("--out", required=True, help="folder for the fine-tuned student (HF format) and metrics.json")
+    distill.add_argument("--loss", default="atkd", help=f"{', '.join(LOSSES)} (default atkd)")
+    distill.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
+    distill.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                         help="objective parameter, repeatable: --param lam=0.2 --param k=0.5 --param base=rkl")
+    distill.add_argument("--ce-weight", type=float, default=0.0, help="weight of the cross-entropy term (default 0)")
+    distill.add_argument("--batch-size", type=int, default=8,
+                         help="sequences per step and process (default 8); the global batch is this x processes x "
+                              "--grad-accum, and the result depends only on the global batch")
+    distill.add_argument("--grad-accum", type=int, default=1,
+                         help="micro-batches accumulated per optimizer step (default 1)")
+    distill.add_argument("--lr", type=float, default=5e-4, help="peak learning rate, cosine schedule (default 5e-4)")
+    distill.add_argument("--eval-size", type=int, default=None,
+                         help="examples held out for evaluation (default: a fifth of the data, at most 32)")
+    distill.add_argument("--seed", type=int, default=0, help="seed for the split, the order and the init (default 0)")
+    distill.add_argument("--atkd-split", choices=["global", "micro_batch"], default="global",
+                         help="ATKD's hard/easy threshold over the whole global batch (default), or per micro-batch "
+                              "as the official code (then the result changes with the batch layout)")
+    distill.add_argument("--keep-dropout", action="store_true", help="keep the student's dropout (default: off)")
+    distill.add_argument("--save-steps", type=int, default=None,
+                         help="write a checkpoint into --out every N steps (default: only when interrupted)")
+    distill.add_argument("--resume", action="store_true",
+                         help="continue the latest checkpoint in --out (same settings; Ctrl-C saves one)")
+    add_data_options(distill)
+    distill.add_argument("--device", default=None, help="cpu or cuda")
+
+
+def run(args) -> None:
+    check_distinct({"--data": data_path(args.data), "--out": args.out})
+    if (args.teacher is None) == (args.teacher_cache is None):
+        raise ValueError("Give the teacher as --teacher MODEL or --teacher-cache DIR (one of them).")
+    result = distill(args.teacher, args.student, args.data, loss=args.loss, steps=args.steps, out_dir=args.out,
+                     teacher_cache=args.teacher_cache, max_length=args.max_length,
+                     eval_size=args.eval_size, limit=args.limit, batch_size=args.batch_size, learning_rate=args.lr,
+                     seed=args.seed, device=args.device, loss_params=parse_params(args.param),
+                     ce_weight=args.ce_weight, template=args.template, truncate=args.truncate,
+                     gradient_accumulation_steps=args.grad_accum, atkd_split=args.atkd_split,
+                     keep_dropout=args.keep_dropout, save_steps=args.save_steps,
+                     resume_from_checkpoint=args.resume or None, **fields(args))
+    if not distributed.world().is_main:
+        if result.interrupted:
+            raise SystemExit(130)
+        return
+    if result.interrupted:
+        print(f"kdviz distill: interrupted at step {result.steps_done} of {args.steps}; saved {result.checkpoint} "
+              f"and {Path(args.out) / 'metrics.json'} (marked interrupted). Continue with:\n  {_resume_command()}"
+              f"{_launcher_note(result.settings)}", file=sys.stderr)
+        raise SystemExit(130)
+    rouge = {name: "n/a" if r.rouge_l is None else f"{r.rouge_l:.3f}" for name, r in
+             (("before", result.before), ("after", result.after))}
+    start = result.settings["resumed_from_step"]
+    done = f"steps {start + 1}-{args.steps} (resumed from checkpoint-{start})" if start else f"{args.steps} steps"
+    print(f"\n{args.loss} on {result.settings['data']}: {done} in {result.train_seconds:.0f} s")
+    print(f"{'':8}{'eval loss':>10}{'agreement':>11}{'ROUGE-L':>9}")
+    for name, r in (("before", result.before), ("after", result.after)):
+        print(f"{name:8}{r.loss:>10.3f}{r.agreement:>11.3f}{rouge[name]:>9}")
+    print(f"\nStudent: {Path(args.out).resolve()}  Metrics: {Path(args.out).resolve() / 'metrics.json'}")
+
+
+def _resume_command() -> str:
+    """This process's `kdviz distill ...` command line with --resume."""
+    words = sys.argv[sys.argv.index("distill"):] if "distill" in sys.argv else ["distill", "..."]
+    return shlex.join(["kdviz", *words, *([] if "--resume" in words else ["--resume"])])
+
+
+def _launcher_note(settings: dict) -> str:
+    if settings["world_size"] == 1:
+        return ""
+    return (f"\n  launched as this run was (torchrun or accelerate launch), or with any processes x --batch-size x "
+            f"--grad-accum = {settings['global_batch']}")

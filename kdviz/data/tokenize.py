@@ -1,0 +1,195 @@
+"""Formatting and tokenizing: texts cut into windows, records formatted with a template; `load_data` does all.
+
+Every example's `labels` hold the target ids (-100 where a token is not a target, e.g. prompt
+tokens of instruction data), aligned with `input_ids`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+from kdviz.corpus import Corpus, docstring_pairs, topic_pairs
+from kdviz.data.examples import IGNORE_INDEX, Example, TokenDataset, nonempty
+from kdviz.data.read import ZOO_DATASETS, Fields, Record, Source, make_records, read_data, read_path
+from kdviz.data.templates import check_template, format_record, resolve_template
+from kdviz.files import expand
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _pair_example(tokenizer, prompt: str, response: str, *, max_length: int, where: str, truncate: bool,
+                  eos: bool = True) -> Example:
+    prompt_ids = encode(tokenizer, prompt)
+    response_ids = encode(tokenizer, response)
+    if eos and tokenizer.eos_token_id is not None:
+        response_ids.append(tokenizer.eos_token_id)
+    if not response.strip():
+        raise ValueError(f"{where}: the response is empty; every record needs a response to use as targets.")
+    ids = prompt_ids + response_ids
+    if len(ids) > max_length:
+        if not truncate or len(prompt_ids) >= max_length - 1:
+            raise ValueError(
+                f"{where}: prompt + response is {len(ids)} tokens ({len(prompt_ids)} prompt), longer than "
+                f"the models' context of {max_length}. Pass truncate=True (CLI: --truncate) to cut the "
+                "response, or drop the record."
+            )
+        ids = ids[:max_length]
+    labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
+    return Example(ids, labels, where)
+
+
+def from_texts(texts: list[str], tokenizer, *, max_length: int, names: list[str] | None = None,
+               limit: int | None = None) -> TokenDataset:
+    """Plain texts cut into non-overlapping windows of `max_length` tokens; every token a target."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 to have a target, got {max_length}.")
+    names = names or [f"text[{i}]" for i in range(len(texts))]
+    blank = [name for name, text in zip(names, texts) if not text.strip()]
+    if blank and len(blank) == len(texts):
+        raise ValueError(f"Texts {blank[:3]} are empty or hold only whitespace: nothing to analyse or distil. Give text with words "
+                         "or code in it.")
+    if blank:
+        warnings.warn(f"Skipping {len(blank)} text(s) that hold only whitespace: {blank[:3]}"
+                      f"{' ...' if len(blank) > 3 else ''}.", stacklevel=2)
+    examples = []
+    for name, text in zip(names, texts):
+        if not text.strip():
+            continue
+        ids = encode(tokenizer, text)
+        for window, start in enumerate(range(0, len(ids), max_length)):
+            chunk = ids[start : start + max_length]
+            if len(chunk) >= 2:
+                examples.append(Example(chunk, list(chunk), f"{name}#window{window}"))
+        if limit is not None and len(examples) >= limit:
+            break
+    return TokenDataset(nonempty(examples[:limit], f"Texts {names[:3]}"), f"{len(texts)} text(s)")
+
+
+def from_files(paths: list[str | os.PathLike], tokenizer, *, max_length: int) -> TokenDataset:
+    """Text files (or folders of .txt/.py/.md/.rst files), windowed like `from_texts`."""
+    texts = [t for path in paths for t in read_path(expand(path), limit=None, fields=Fields()).texts]
+    return from_texts([t for _, t in texts], tokenizer, max_length=max_length, names=[n for n, _ in texts])
+
+
+def from_records(records, tokenizer, *, max_length: int, prompt_field: str | None = None,
+                 response_field: str | None = None, context_field: str | None = None, truncate: bool = False,
+                 template: str = "auto", source: str = "records") -> TokenDataset:
+    """Prompt/response records (dicts); only response tokens are targets.
+
+    Fields are detected (prompt/response, Dolly's instruction/context/response, Alpaca's
+    instruction/input/output) unless named; a context/input field is used whenever present.
+    Works on a list of dicts or a `datasets.Dataset`.
+    """
+    raw = [(f"{source}:{i}", r) for i, r in enumerate(records, start=1)]
+    checked = make_records(raw, Fields(prompt_field, response_field, context_field))
+    return _tokenize_records(checked, tokenizer, max_length=max_length, truncate=truncate, template=template,
+                             description=f"{len(checked)} prompt/response pairs from {source}")
+
+
+def _tokenize_records(records: list[Record], tokenizer, *, max_length: int, truncate: bool, template: str,
+                      description: str) -> TokenDataset:
+    examples, used = [], set()
+    for record in records:
+        chosen = resolve_template(template, tokenizer, instruction=record.instruction)
+        used.add(chosen)
+        prompt, response, eos = format_record(record, chosen, tokenizer)
+        examples.append(_pair_example(tokenizer, prompt, response, max_length=max_length, where=record.where,
+                                      truncate=truncate, eos=eos))
+    return TokenDataset(nonempty(examples, description), description, template="+".join(sorted(used)))
+
+
+def from_jsonl(path: str | os.PathLike, tokenizer, *, max_length: int, **options) -> TokenDataset:
+    """A prompt/response JSONL file (see `from_records` for fields and layouts)."""
+    return load_data(path, tokenizer, max_length=max_length, **options)
+
+
+
+def zoo_dataset(name: str, tokenizer, *, max_length: int, template: str = "auto", limit: int | None = None
+                ) -> TokenDataset:
+    """Held-out data every Python installation has, read at run time.
+
+    `zoo:code`: windows of held-out stdlib source. `zoo:docstrings`: held-out functions as
+    signature + docstring -> body (code completion; without a chat template its "auto"
+    template is plain, as the zoo models were trained). `zoo:topics`: held-out topics of the
+    Python reference (`pydoc_data`) as "Explain <title> in Python." -> its first paragraphs
+    (instructions). The pair datasets keep the pairs that fit the context.
+    """
+    if name not in ZOO_DATASETS:
+        raise ValueError(f"Unknown zoo dataset {name!r}; available: {', '.join(ZOO_DATASETS)}.")
+    if name == "zoo:topics":
+        pairs, instruction, description = topic_pairs(heldout=True), True, "held-out Python reference topics"
+    else:
+        corpus = Corpus.from_stdlib()
+        texts = corpus.texts("heldout")
+        if name == "zoo:code":
+            _no_template_for_text(template, name)
+            return from_texts(texts, tokenizer, max_length=max_length, names=corpus.heldout, limit=limit)
+        pairs, instruction, description = docstring_pairs(texts, corpus.heldout), False, "held-out stdlib"
+    template = resolve_template(template, tokenizer, instruction=instruction)
+    examples = []
+    for pair in pairs:
+        if limit is not None and len(examples) >= limit:
+            break
+        record = Record(pair["prompt"], pair["response"], "", pair["source"], instruction)
+        prompt, response, eos = format_record(record, template, tokenizer)
+        try:
+            examples.append(_pair_example(tokenizer, prompt, response, max_length=max_length, where=record.where,
+                                          truncate=False, eos=eos))
+        except ValueError:  # longer than the context: these datasets keep the pairs that fit
+            continue
+    kind = "docstring pairs" if name == "zoo:docstrings" else "topic pairs"
+    if pairs and not examples:
+        raise ValueError(f"None of the {len(pairs)} {kind} of {name} fits a context of {max_length} tokens; give a "
+                         "longer --max-length (or none: the models' context).")
+    return TokenDataset(nonempty(examples, name), f"{len(examples)} {kind} from {description}", template=template)
+
+
+def _no_template_for_text(template: str, description: str) -> None:
+    if check_template(template) != "auto":
+        raise ValueError(f"template={template!r} formats prompt/response records, but {description} is plain text "
+                         "(windows of tokens, every token a target). Leave the template out (auto) for text.")
+
+
+def tokenize(source: Source, tokenizer, *, max_length: int, limit: int | None = None, template: str = "auto",
+             truncate: bool = False) -> TokenDataset:
+    """Format and tokenize what `read_data` read (`limit` examples at most)."""
+    if source.zoo:
+        dataset = zoo_dataset(source.zoo, tokenizer, max_length=max_length, template=template, limit=limit)
+    elif source.texts:
+        _no_template_for_text(template, source.description)
+        dataset = from_texts([t for _, t in source.texts], tokenizer, max_length=max_length,
+                             names=[n for n, _ in source.texts], limit=limit)
+        dataset.description = source.description
+    else:
+        records = source.records[:limit] if limit is not None else source.records
+        dataset = _tokenize_records(records, tokenizer, max_length=max_length, truncate=truncate, template=template,
+                                    description=source.description)
+    if limit is not None:
+        dataset = TokenDataset(dataset.examples[:limit], f"{dataset.description} (first {limit})", dataset.template)
+    return dataset
+
+
+def load_data(data, tokenizer, *, max_length: int, limit: int | None = None, template: str = "auto",
+              truncate: bool = False, prompt_field: str | None = None, response_field: str | None = None,
+              context_field: str | None = None) -> TokenDataset:
+    """Any supported input as a TokenDataset.
+
+    `data` can be a TokenDataset, `zoo:code` / `zoo:docstrings`, a path (``~`` is expanded) to a
+    .jsonl / .json / .parquet file of records, a text file, or a folder of one kind of them, a
+    list of strings (a string with a newline is taken as text), a list of prompt/response
+    dicts, or a Hugging Face `datasets.Dataset` of such records. `limit` keeps the first N
+    examples; `template` formats records (see the module doc).
+    """
+    if isinstance(data, TokenDataset):
+        return data if limit is None else TokenDataset(data.examples[:limit], f"{data.description} (first {limit})",
+                                                       data.template)
+    source = read_data(data, limit=limit, prompt_field=prompt_field, response_field=response_field,
+                       context_field=context_field)
+    return tokenize(source, tokenizer, max_length=max_length, limit=limit, template=template, truncate=truncate)
+
+

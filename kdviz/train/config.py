@@ -1,0 +1,106 @@
+"""`DistillConfig`: the Trainer's arguments plus the distillation settings, validated where they are read."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from kdviz.losses import OBJECTIVES, get_loss
+
+LOSSES = (*OBJECTIVES, "okd")
+ATKD_SPLITS = ("global", "micro_batch")
+
+
+@dataclass
+class DistillConfig(TrainingArguments):
+    """Training arguments plus the distillation settings (all validated in `__post_init__`)."""
+
+    loss: str = field(default="atkd", metadata={"help": f"KD objective: one of {', '.join(LOSSES)}."})
+    loss_params: dict = field(default_factory=dict, metadata={
+        "help": "Parameters of the objective, e.g. {'lam': 0.2, 'k': 0.5} for atkd (see kdviz.losses.OBJECTIVES)."})
+    ce_weight: float = field(default=0.0, metadata={
+        "help": "Weight of the student's cross-entropy on the labels, added to the KD loss (>= 0)."})
+    hard_fraction: float = field(default=0.5, metadata={
+        "help": "Fraction of tokens counted as hard when the KD loss is logged as hard and easy parts, in (0, 1]. "
+                "ATKD uses its own k for the loss itself."})
+    fused_linear: bool = field(default=True, metadata={
+        "help": "Compute the loss from hidden states and LM-head weights without building the logits. Falls back "
+                "to full logits for models whose head is not a plain linear layer (e.g. logit soft-capping)."})
+    okd_base: str = field(default="fkl", metadata={"help": "OKD: the objective the student distils with."})
+    okd_rank: int = field(default=8, metadata={"help": "OKD: rank of the teacher's online adapter (>= 1)."})
+    okd_pull: float = field(default=1.0, metadata={
+        "help": "OKD: weight of KL(adapted teacher || student) in the adapter's loss (>= 0)."})
+    okd_learning_rate: float | None = field(default=None, metadata={
+        "help": "OKD: the adapter's learning rate (default: learning_rate)."})
+    atkd_split: str = field(default="global", metadata={
+        "help": "ATKD: where the hard/easy threshold and group sizes come from. 'global': the whole global batch "
+                "(every process and accumulation step), so the result does not depend on how the batch is cut. "
+                "'micro_batch': each micro-batch on its own, as the official ATKD code; the loss is then the mean "
+                "of the micro-batches' losses and changes with batch size, processes and accumulation."})
+    keep_dropout: bool = field(default=False, metadata={
+        "help": "Keep the student's dropout while distilling. Off by default (as TRL's disable_dropout), so runs "
+                "are reproducible and layouts comparable."})
+    eval_generate_examples: int = field(default=16, metadata={
+        "help": "Instruction examples whose greedy continuations are scored with ROUGE-L at evaluation (0: none)."})
+    eval_generate_tokens: int = field(default=48, metadata={"help": "Most new tokens per greedy continuation."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "kdviz batches carry their own fields."})
+    report_to: str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy (default: none)."})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={
+        "help": "DDP: search the autograd graph for unused parameters every step. Off by default: every student "
+                "parameter takes part in the KD loss (the head through the fused-linear path), and the search "
+                "costs a graph traversal per step. Turn it on for a student whose forward leaves parameters out."})
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"Unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}.")
+        checks = [("ce_weight", self.ce_weight >= 0, ">= 0"), ("hard_fraction", 0 < self.hard_fraction <= 1, "in (0, 1]"),
+                  ("okd_rank", self.okd_rank >= 1, ">= 1"), ("okd_pull", self.okd_pull >= 0, ">= 0"),
+                  ("okd_base", self.okd_base in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
+                  ("atkd_split", self.atkd_split in ATKD_SPLITS, f"one of {', '.join(map(repr, ATKD_SPLITS))}"),
+                  ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, ">= 1"),
+                  ("eval_generate_examples", self.eval_generate_examples >= 0, ">= 0"),
+                  ("eval_generate_tokens", self.eval_generate_tokens >= 1, ">= 1")]
+        for name, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r} is not allowed; it must be {allowed}.")
+        try:
+            self.kd_loss()  # validates loss_params (ValueError naming what is allowed)
+        except ValueError as err:
+            if self.loss != "okd":
+                raise
+            raise ValueError(f"loss='okd' distils with okd_base={self.okd_base!r}, so its parameters are that "
+                             f"loss's: {err}") from None
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"The learning rate must be a number > 0, got {self.learning_rate!r} (CLI: --lr).")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"The seed must be an integer in [0, 2**32), got {self.seed!r} (CLI: --seed).")
+        super().__post_init__()
+
+    def kd_loss(self):
+        """The configured objective (for OKD, its base objective)."""
+        return get_loss(self.okd_base if self.loss == "okd" else self.loss, **self.loss_params)
+
+    @property
+    def log_fraction(self) -> float:
+        """Fraction of hard tokens in the logged split (ATKD's own k when the loss is ATKD)."""
+        return self.kd_loss().params.get("k", self.hard_fraction)
+
+
+
+def run_settings(args: DistillConfig) -> dict:
+    """What decides a run's result (a resumed run must match them) and how its global batch is cut."""
+    settings = {"loss": args.loss, "loss_params": args.kd_loss().params, "ce_weight": args.ce_weight,
+                "steps": args.max_steps, "learning_rate": args.learning_rate, "seed": args.seed,
+                "global_batch": args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps,
+                "atkd_split": args.atkd_split, "keep_dropout": args.keep_dropout}
+    if args.loss == "okd":
+        settings.update(okd_base=args.okd_base, okd_rank=args.okd_rank, okd_pull=args.okd_pull,
+                        okd_learning_rate=args.okd_learning_rate)
+    layout = {"world_size": args.world_size, "per_device_batch": args.per_device_train_batch_size,
+              "grad_accum": args.gradient_accumulation_steps}
+    return {**settings, "layout": layout}
+
+

@@ -1,0 +1,232 @@
+"""`distill`: load, split, train, evaluate before and after, save; interrupted runs resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import PrinterCallback
+
+from kdviz.checks import check_count
+from kdviz.data import TokenDataset, check_template, read_data, tokenize
+from kdviz.distributed import barrier, broadcast
+from kdviz.files import check_writable, expand, staged_folder, write_text
+from kdviz.models import resolve_device
+from kdviz.pair import ModelPair, load_pair
+from kdviz.train.checkpoints import (EVAL_BEFORE, check_fresh, check_inputs, checkpoint_step, checkpoints,
+                                     resume_point, run_inputs)
+from kdviz.train.config import DistillConfig, run_settings
+from kdviz.train.evaluate import EvalResult
+from kdviz.train.signals import StopOnSignal
+from kdviz.train.trainer import DistillTrainer
+
+
+def split_data(dataset: TokenDataset, *, eval_size: int, seed: int = 0) -> tuple[TokenDataset, TokenDataset]:
+    """(train, eval): `eval_size` examples drawn with `seed`, the rest for training."""
+    if not 0 < eval_size < len(dataset):
+        raise ValueError(f"eval_size must be in [1, {len(dataset) - 1}] for {len(dataset)} examples, got {eval_size}.")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:eval_size])
+    train = [ex for i, ex in enumerate(dataset) if i not in held]
+    evaluation = [ex for i, ex in enumerate(dataset) if i in held]
+    return (TokenDataset(train, f"{dataset.description} (train, {len(train)})"),
+            TokenDataset(evaluation, f"{dataset.description} (eval, {len(evaluation)})"))
+
+
+@dataclass
+class DistillResult:
+    """What one fine-tune did: evaluation before and after, the log history, wall time.
+
+    An interrupted run (`interrupted`) has no `after`; `checkpoint` is where it can resume.
+    """
+
+    loss: str
+    teacher: str
+    student: str
+    steps: int
+    before: EvalResult
+    after: EvalResult | None
+    history: list[dict]
+    train_seconds: float
+    settings: dict
+    out_dir: str | None = None
+    steps_done: int | None = None
+    interrupted: bool = False
+    checkpoint: str | None = None
+
+    def row(self) -> dict:
+        """One flat row for a comparison table."""
+        after = self.after  # None: interrupted
+        return {"loss": self.loss, "teacher": self.teacher, "steps": self.steps,
+                "eval_loss": after and after.loss, "agreement": after and after.agreement,
+                "rouge_l": after and after.rouge_l,
+                "eval_loss_before": self.before.loss, "train_seconds": self.train_seconds}
+
+    def curves(self) -> list[dict]:
+        """The training log rows (step, loss, kd, kd_hard, kd_easy, ce, unc, ...)."""
+        return [entry for entry in self.history if "kd" in entry]
+
+    def save(self, path: str | Path) -> Path:
+        return write_text(path, json.dumps(asdict(self), indent=2, default=str), what="run metrics")
+
+
+def eval_split_size(requested: int | None, available: int) -> int:
+    """How many examples to hold out: `requested`, or by default min(32, a fifth of the data)."""
+    if available < 2:
+        raise ValueError(f"Distillation needs at least 2 examples (one to train on, one to evaluate); the data gave "
+                         f"{available}. Use more data (or a larger --limit).")
+    if requested is None:
+        return min(32, max(1, available // 5))
+    check_count(requested, "eval_size", minimum=1)
+    if requested >= available:
+        raise ValueError(f"eval_size={requested} leaves nothing to train on: the data has {available} examples. "
+                         f"Use an eval size of at most {available - 1} (a fifth of the data is the default).")
+    return requested
+
+
+def main_computes(trainer: DistillTrainer, compute):
+    """`compute()` on the main process only (FSDP: on all, its forward needs every rank); its value on every process."""
+    here = trainer.is_world_process_zero() or trainer.is_fsdp_enabled
+    return broadcast(compute() if here else None)
+
+
+def evaluation_before(trainer: DistillTrainer, evaluation, out_dir: str | Path | None, *, resumed: bool) -> EvalResult:
+    """The held-out evaluation before training: stored in `out_dir` at the start, read back when a run resumes."""
+    path = expand(out_dir) / EVAL_BEFORE if out_dir is not None else None
+    if resumed and path is not None and path.is_file():
+        return EvalResult(**json.loads(path.read_text()))
+    before = main_computes(trainer, lambda: trainer.score(evaluation))
+    if path is not None and trainer.is_world_process_zero():
+        write_text(path, json.dumps(asdict(before), indent=2), what="evaluation before training")
+    return before
+
+
+def save_run(trainer: DistillTrainer, result: DistillResult, out_dir: str | Path) -> None:
+    """The student (unless the run was interrupted: its checkpoint has it) and metrics.json, by the main process."""
+    main = trainer.is_world_process_zero()
+    with staged_folder(out_dir, what="output folder") if main else nullcontext() as stage:
+        stage = broadcast(str(stage) if main else None)
+        if not result.interrupted:
+            trainer.save_model(stage)  # every process (FSDP gathers the weights); the main one writes
+        if main:
+            result.save(Path(stage) / "metrics.json")
+    barrier()
+
+
+def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out_dir: str | Path | None = None,
+            eval_size: int | None = None, limit: int | None = None, batch_size: int = 8, learning_rate: float = 5e-4,
+            seed: int = 0, device: str | None = None, callbacks=None, progress: bool = True, template: str = "auto",
+            truncate: bool = False, prompt_field: str | None = None, response_field: str | None = None,
+            context_field: str | None = None, save_steps: int | None = None,
+            resume_from_checkpoint: bool | str | None = None, teacher_cache: str | Path | None = None,
+            max_length: int | None = None, **config) -> DistillResult:
+    """Distil `student` from `teacher` on `data` for `steps` steps and evaluate before and after.
+
+    teacher/student: hub id, local folder, .gguf file or zoo name; data: anything
+    `kdviz.data.load_data` reads, with the same options (template, truncate, *_field, limit,
+    max_length: the context to use, at most the models'). `eval_size` examples (default: a fifth
+    of the data, at most 32) are held out. Extra keyword arguments go to `DistillConfig` (e.g.
+    loss_params={"lam": 0.2}, ce_weight=0.5, okd_rank=8, gradient_accumulation_steps=2).
+    `batch_size` is per process. With `out_dir` the student is saved there in Hugging Face format
+    with `metrics.json`, each file renamed into place, by the main process (which alone
+    evaluates); Trainer checkpoints go there every `save_steps` steps, and on SIGINT or SIGTERM
+    the run saves one at the end of the current step and returns a result marked `interrupted`.
+    `resume_from_checkpoint`: True continues the latest checkpoint in `out_dir` (or give a
+    checkpoint folder), with the evaluation before training stored at the start. `teacher_cache`:
+    a folder made by `kdviz teacher-cache` (then `teacher` is None): the teacher is read from it
+    instead of run (see `kdviz.cache`).
+    """
+    check_count(steps, "steps", minimum=1)
+    check_count(batch_size, "batch_size", minimum=1)
+    check_template(template)
+    for name, value in (("eval_size", eval_size), ("save_steps", save_steps)):
+        if value is not None:
+            check_count(value, name, minimum=1)
+    device = resolve_device(device)
+    scratch = None if out_dir else tempfile.mkdtemp(prefix="kdviz-distill-")  # the Trainer wants a folder; not cwd
+    args = _config(str(out_dir or scratch), loss=loss, steps=steps, batch_size=batch_size,
+                   learning_rate=learning_rate, seed=seed, device=device, save_steps=save_steps, progress=progress,
+                   **config)  # settings checked before anything is loaded
+    checkpoint = resume_point(out_dir, resume_from_checkpoint, args) if resume_from_checkpoint else None
+    source = read_data(data, limit=limit, prompt_field=prompt_field, response_field=response_field,
+                       context_field=context_field)
+    if out_dir is not None:
+        check_writable(out_dir, what="output folder", folder=True)
+        if checkpoint is None:
+            check_fresh(out_dir)
+    torch.manual_seed(seed)
+    pair = load_pair(teacher, student, teacher_cache=teacher_cache, device=device)
+    pair.student.float().requires_grad_(True)
+    dataset = tokenize(source, pair.tokenizer, max_length=pair.context(max_length), limit=limit, template=template,
+                       truncate=truncate)
+    train, evaluation = split_data(dataset, eval_size=eval_split_size(eval_size, len(dataset)), seed=seed)
+    trainer = DistillTrainer(model=pair.student, source=pair.source, args=args, train_dataset=train,
+                             eval_dataset=evaluation, processing_class=pair.tokenizer, vocab_size=pair.vocab_size,
+                             callbacks=callbacks)
+    trainer.run_inputs = run_inputs(pair, train, evaluation)
+    if checkpoint is not None:
+        check_inputs(checkpoint, trainer.run_inputs)
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # quiet: the log history is in the result
+    result = _train(trainer, pair, dataset, out_dir, checkpoint)
+    if out_dir:
+        pair.student.eval()
+        save_run(trainer, result, out_dir)
+    else:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return result
+
+
+def _config(output_dir: str, *, loss: str, steps: int, batch_size: int, learning_rate: float, seed: int,
+            device: str, save_steps: int | None, progress: bool, **config) -> DistillConfig:
+    """The Trainer's arguments for a distill run (cosine schedule, 5 % warm-up, about 50 log rows)."""
+    saving = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {}
+    return DistillConfig(output_dir=output_dir, loss=loss, max_steps=steps, per_device_train_batch_size=batch_size,
+                         per_device_eval_batch_size=batch_size, learning_rate=learning_rate,
+                         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
+                         logging_steps=max(1, steps // 50), seed=seed, disable_tqdm=not progress,
+                         use_cpu=device == "cpu", **saving, **config)
+
+
+def _train(trainer: DistillTrainer, pair: ModelPair, dataset: TokenDataset, out_dir, checkpoint) -> DistillResult:
+    """Evaluate, train (Ctrl-C saves a checkpoint and stops when there is an `out_dir`), evaluate again."""
+    evaluation = trainer.eval_dataset
+    before = evaluation_before(trainer, evaluation, out_dir, resumed=checkpoint is not None)
+    stopper = StopOnSignal()
+    if out_dir is not None:  # with somewhere to save, Ctrl-C saves a checkpoint and stops
+        trainer.add_callback(stopper)
+    started = time.perf_counter()
+    with stopper.catching() if out_dir is not None else nullcontext():
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.perf_counter() - started
+    barrier()  # the main process has marked the last checkpoint complete
+    interrupted = stopper.stopped_at is not None
+    after = None if interrupted else main_computes(trainer, lambda: trainer.score(evaluation))
+    latest = (checkpoints(out_dir) or [None])[-1] if out_dir is not None else None
+    args = trainer.args
+    return DistillResult(args.loss, pair.teacher_name, pair.student_name, args.max_steps, before, after,
+                         trainer.state.log_history, seconds, _settings(trainer, dataset, checkpoint),
+                         str(out_dir) if out_dir else None, trainer.state.global_step, interrupted,
+                         str(latest) if latest else None)
+
+
+def _settings(trainer: DistillTrainer, dataset: TokenDataset, checkpoint) -> dict:
+    """What metrics.json records about how the run was made."""
+    args, run = trainer.args, run_settings(trainer.args)
+    settings = {"loss_params": trainer.kd.params, "ce_weight": args.ce_weight,
+                "batch_size": args.per_device_train_batch_size, "learning_rate": args.learning_rate,
+                "seed": args.seed, "train_examples": len(trainer.train_dataset),
+                "eval_examples": len(trainer.eval_dataset), "data": dataset.description, "template": dataset.template,
+                "fused_linear": trainer.use_linear, **run["layout"], "global_batch": run["global_batch"],
+                "atkd_split": args.atkd_split, "keep_dropout": args.keep_dropout,
+                "resumed_from_step": checkpoint_step(checkpoint) if checkpoint else None}
+    if args.loss == "okd":
+        settings.update(okd_base=args.okd_base, okd_rank=args.okd_rank, okd_pull=args.okd_pull,
+                        adapter_parameters=sum(p.numel() for p in trainer.adapter.parameters()))
+    return {**settings, **trainer.source.recorded()}
