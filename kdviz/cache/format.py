@@ -38,7 +38,7 @@ import torch
 from kdviz.data import TokenDataset, example_key
 from kdviz.files import changed_file, expand
 from kdviz.maths.topk import TopKRows
-from kdviz.models.fingerprint import tokenizer_fingerprint
+from kdviz.models.hashing import tokenizer_fingerprint
 
 PER_TOKEN = ("ids", "logprobs", "target_logp", "tail_logp")
 ARRAYS = (*PER_TOKEN, "offsets", "keys")

@@ -8,12 +8,12 @@ a target, e.g. prompt tokens of instruction data), aligned with `input_ids`; the
 logits at t predict labels at t + 1.
 """
 
-from kdviz.data.collate import Batch, collate, pad_id
+from kdviz.data.padding import Batch, collate, pad_id
 from kdviz.data.examples import (IGNORE_INDEX, Example, TokenDataset, example_key, target_positions,
                                  usable_context)
 from kdviz.data.read import ZOO_DATASETS, Record, Source, read_data, read_jsonl
 from kdviz.data.templates import TEMPLATES, check_template, format_record, resolve_template
-from kdviz.data.tokenize import from_files, from_records, from_texts, load_data, tokenize, zoo_dataset
+from kdviz.data.tokenizing import from_files, from_records, from_texts, load_data, tokenize, zoo_dataset
 
 __all__ = ["IGNORE_INDEX", "TEMPLATES", "ZOO_DATASETS", "Batch", "Example", "Record", "Source", "TokenDataset",
            "check_template", "collate", "example_key", "format_record", "from_files", "from_records", "from_texts",

@@ -1,7 +1,7 @@
 """Reading data without a tokenizer: paths exist, files are text, records have string fields.
 
 Mistakes surface here, before any model is loaded. A `Source` holds texts or prompt/response
-`Record`s; `kdviz.data.tokenize` formats and tokenizes it.
+`Record`s; `kdviz.data.tokenizing` formats and tokenizes it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Models: load them (zoo names, folders, .gguf files, hub ids), fingerprint them, run their forward passes."""
 
 from kdviz.models.devices import default_device, default_dtype, resolve_device
-from kdviz.models.fingerprint import fingerprint, tokenizer_fingerprint
+from kdviz.models.hashing import fingerprint, tokenizer_fingerprint
 from kdviz.models.forward import final_hidden, head_is_linear, last_hidden, model_logits, output_head, position_ids
 from kdviz.models.sources import context_length, load_model, load_tokenizer, model_context
 
