@@ -1,3 +1,5 @@
+import zlib
+
 import pytest
 import torch
 
@@ -34,7 +36,7 @@ def grad_of(loss_fn, student, teacher, labels):
 @pytest.mark.parametrize("name", list(PARAMS))
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 def test_objective_matches_reference_value_and_gradient(name, fused):
-    student, teacher, labels = make_batch(seed=hash(name) % 1000)
+    student, teacher, labels = make_batch(seed=zlib.crc32(name.encode()) % 1000)  # the same inputs in every process
     ours = get_loss(name, fused=fused, chunk_rows=4, **PARAMS[name])
     value, grad = grad_of(ours, student, teacher, labels)
 
