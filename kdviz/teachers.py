@@ -229,7 +229,8 @@ class CachedTeacher:
         s_hidden = last_hidden(student, batch.input_ids.to(device), batch.attention_mask.to(device))
         head, bias = output_head(student, self.vocab_size)
         return decompose_topk(self.cache.rows_for_keys(keys), s_hidden[:, :-1], head,
-                              self.analysis_targets(batch).to(device), student_bias=bias, top_k=top_k)
+                              self.analysis_targets(batch).to(device), student_bias=bias, temperature=temperature,
+                              top_k=top_k)
 
     def top1(self, batch: Batch, keys: list[int]) -> Tensor:
         return self.cache.rows_for_keys(keys).ids[:, 0]

@@ -368,8 +368,8 @@ def _assemble(parts: dict[str, list[Tensor]], rows: Tensor, valid: Tensor, top_k
 
 @torch.no_grad()
 def decompose_topk(teacher: TopKRows, student_hidden: Tensor, student_head: Tensor, labels: Tensor, *,
-                   student_bias: Tensor | None = None, ignore_index: int = -100, top_k: int = 0,
-                   chunk_rows: int | None = None) -> TokenStats:
+                   student_bias: Tensor | None = None, temperature: float = 1.0, ignore_index: int = -100,
+                   top_k: int = 0, chunk_rows: int | None = None) -> TokenStats:
     """`decompose` with the teacher given as top-k rows (read from a teacher cache).
 
     `teacher` holds one row per valid position of `labels` [B, T], in row-major order; the student
@@ -377,7 +377,9 @@ def decompose_topk(teacher: TopKRows, student_hidden: Tensor, student_head: Tens
     and everything of the student are exact; DKD, KL, reverse KL and the teacher's entropy are
     those of the bucketed distributions [target, top-k, tail] (lower bounds, exact when k covers
     the vocabulary). The teacher's rank of a target outside its top-k is -1 (unknown).
+    `temperature`: the one the teacher's rows were made at; the student is tempered to match.
     """
+    check_temperature(temperature)
     vocab = student_head.shape[0]
     valid = labels != ignore_index
     rows = valid.reshape(-1).nonzero().squeeze(1)
@@ -394,6 +396,8 @@ def decompose_topk(teacher: TopKRows, student_hidden: Tensor, student_head: Tens
         span = slice(start, start + step)
         y = y_flat[rows[span]]
         logits = student.load(rows[span], full.take("s", len(y)))  # (C, V) fp32
+        if temperature != 1.0:
+            logits.div_(temperature)
         out = _student_side(logits, y, top_k)
         chunk = teacher[span]
         log_p_b, log_q_b = bucketed(out.pop("log_q"), chunk, y)  # (C, k + 2) each
