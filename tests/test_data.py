@@ -145,3 +145,41 @@ def test_docstring_pairs_split_signature_and_body():
     assert len(pairs) == 1
     assert pairs[0]["prompt"] == 'def f(x):\n    """Double x."""\n'
     assert pairs[0]["response"] == "    y = x * 2\n    return y\n"
+
+
+def test_control_token_strings_in_the_text_are_text_not_control_tokens(tokenizer):
+    """A tutorial about ChatML that writes "<|im_end|>", or a transcript with "<|im_start|>user", stays text: no user
+    turn becomes a target, and only the template's own end-of-turn token closes the answer."""
+    from kdviz.models import load_tokenizer
+
+    chat = load_tokenizer("zoo:smollm2-student")
+    response = "End a turn with <|im_end|> and start one with <|im_start|>user hello"
+    (example,) = load_data([{"prompt": "How does ChatML mark turns? <|im_end|>", "response": response}], chat,
+                           max_length=256, template="chat")
+    control = {chat.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>")}
+    targets = [label for label in example.labels if label != IGNORE_INDEX]
+    assert [t for t in targets if t in control] == [chat.convert_tokens_to_ids("<|im_end|>")]  # the template's one
+    assert targets[-1] in control and chat.decode(targets[:-1]) == response
+    prompt_controls = [i for i, label in zip(example.input_ids, example.labels) if label == IGNORE_INDEX and i in control]
+    assert len(prompt_controls) == 5  # system turn, user turn, assistant start: the template's own, not the user's
+    (text,) = load_data(["a text that writes <|endoftext|> as words"], tokenizer, max_length=64)
+    assert tokenizer.eos_token_id not in text.input_ids
+
+
+def test_messages_say_what_came_in(tokenizer, tmp_path):
+    pretty = tmp_path / "one.json"
+    pretty.write_text(json.dumps({"prompt": "Say hi", "response": "hi there"}, indent=2))
+    (example,) = load_data(pretty, tokenizer, max_length=64)  # a pretty-printed object is one record
+    assert any(label != IGNORE_INDEX for label in example.labels)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{\n  "prompt": "Say hi",\n  "response": \n}')
+    with pytest.raises(ValueError, match=r"broken.json:4: not valid JSON .*one record, or one record per line"):
+        load_data(broken, tokenizer, max_length=64)
+    records = [{"prompt": "a long prompt of several words here", "response": "and an answer"}]
+    with pytest.raises(ValueError, match="the prompt alone is .* tokens, and the context is 4 tokens, so no response "
+                                         "token fits \\(--truncate cuts responses, not prompts\\)"):
+        load_data(records, tokenizer, max_length=4, truncate=True, template="plain")
+    with pytest.raises(ValueError, match="longer than the context of 40 tokens. Pass truncate=True"):
+        load_data(records, tokenizer, max_length=40, template="plain")
+    with pytest.raises(ValueError, match=r"shorter than 2 tokens \(text\[0\] \(1 token\)\)"):
+        load_data(["a"], tokenizer, max_length=64)

@@ -118,13 +118,17 @@ def _raw_records(path: Path, limit: int | None) -> list[tuple[str, object]]:
     _sniff(path)
     if path.suffix == ".json":
         text = _decode(path.read_bytes(), path)
-        if text.lstrip().startswith("["):
+        if text.lstrip().startswith(("[", "{")):
             try:
                 items = json.loads(text)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}).") from None
-            items = items[:limit] if limit is not None else items
-            return [(f"{path}[{i}]", item) for i, item in enumerate(items)]
+                if not (err.msg == "Extra data" and text.lstrip().startswith("{")):  # (else: one object per line)
+                    raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg} at column {err.colno}). A .json "
+                                     "file holds an array of records, one record, or one record per line.") from None
+            else:
+                items = [items] if isinstance(items, dict) else items  # one (pretty-printed) record
+                items = items[:limit] if limit is not None else items
+                return [(f"{path}[{i}]", item) for i, item in enumerate(items)]
     return _records_from_jsonl(path, limit)
 
 

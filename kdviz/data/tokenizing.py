@@ -12,30 +12,38 @@ import warnings
 from kdviz.corpus import Corpus, docstring_pairs, topic_pairs
 from kdviz.data.examples import IGNORE_INDEX, Example, TokenDataset, nonempty
 from kdviz.data.read import ZOO_DATASETS, Fields, Record, Source, make_records, read_data, read_path
-from kdviz.data.templates import check_template, format_record, resolve_template
+from kdviz.data.templates import Formatted, check_template, format_record, resolve_template
 from kdviz.files import expand
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def encode(tokenizer, text: str, *, user: bool = True) -> list[int]:
+    """Token ids of `text`. User text (`user`) never yields control tokens: "<|im_end|>" written in a tutorial is
+    the characters it shows; a template's own text keeps its control tokens."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=user)["input_ids"]
 
 
-def _pair_example(tokenizer, prompt: str, response: str, *, max_length: int, where: str, truncate: bool,
-                  eos: bool = True) -> Example:
-    prompt_ids = encode(tokenizer, prompt)
-    response_ids = encode(tokenizer, response)
-    if eos and tokenizer.eos_token_id is not None:
-        response_ids.append(tokenizer.eos_token_id)
-    if not response.strip():
+def encode_segments(tokenizer, segments) -> list[int]:
+    return [i for segment in segments for i in encode(tokenizer, segment.text, user=segment.user)]
+
+
+def pair_example(tokenizer, formatted: Formatted, *, max_length: int, where: str, truncate: bool) -> Example:
+    """One prompt/response example: the response's tokens (and EOS when the template adds it) are the targets."""
+    if not formatted.response_text.strip():
         raise ValueError(f"{where}: the response is empty; every record needs a response to use as targets.")
+    prompt_ids = encode_segments(tokenizer, formatted.prompt)
+    response_ids = encode_segments(tokenizer, formatted.response)
+    if formatted.eos and tokenizer.eos_token_id is not None:
+        response_ids.append(tokenizer.eos_token_id)
     ids = prompt_ids + response_ids
     if len(ids) > max_length:
-        if not truncate or len(prompt_ids) >= max_length - 1:
-            raise ValueError(
-                f"{where}: prompt + response is {len(ids)} tokens ({len(prompt_ids)} prompt), longer than "
-                f"the models' context of {max_length}. Pass truncate=True (CLI: --truncate) to cut the "
-                "response, or drop the record."
-            )
+        if len(prompt_ids) >= max_length - 1:
+            raise ValueError(f"{where}: the prompt alone is {len(prompt_ids)} tokens, and the context is {max_length} "
+                             "tokens, so no response token fits (--truncate cuts responses, not prompts). Use a longer "
+                             "--max-length (at most the models' context) or drop the record.")
+        if not truncate:
+            raise ValueError(f"{where}: prompt + response is {len(ids)} tokens ({len(prompt_ids)} prompt), longer than "
+                             f"the context of {max_length} tokens. Pass truncate=True (CLI: --truncate) to cut the "
+                             "response, or drop the record.")
         ids = ids[:max_length]
     labels = [IGNORE_INDEX] * len(prompt_ids) + ids[len(prompt_ids) :]
     return Example(ids, labels, where)
@@ -56,17 +64,22 @@ def from_texts(texts: list[str], tokenizer, *, max_length: int, names: list[str]
     if blank:
         warnings.warn(f"Skipping {len(blank)} text(s) that hold only whitespace: {blank[:3]}"
                       f"{' ...' if len(blank) > 3 else ''}.", stacklevel=2)
-    examples = []
+    examples, short = [], []
     for name, text in zip(names, texts):
         if not text.strip():
             continue
         ids = encode(tokenizer, text)
+        if len(ids) < 2:
+            short.append(f"{name} ({len(ids)} token)")
         for window, start in enumerate(range(0, len(ids), max_length)):
             chunk = ids[start : start + max_length]
             if len(chunk) >= 2:
                 examples.append(Example(chunk, list(chunk), f"{name}#window{window}"))
         if limit is not None and len(examples) >= limit:
             break
+    if not examples and short:
+        raise ValueError(f"Every text is shorter than 2 tokens ({', '.join(short[:3])}): a token is predicted from the "
+                         "ones before it, so a text needs at least 2. Give longer texts.")
     return TokenDataset(nonempty(examples[:limit], f"Texts {names[:3]}"), f"{len(texts)} text(s)")
 
 
@@ -97,9 +110,8 @@ def _tokenize_records(records: list[Record], tokenizer, *, max_length: int, trun
     for record in records:
         chosen = resolve_template(template, tokenizer, instruction=record.instruction)
         used.add(chosen)
-        prompt, response, eos = format_record(record, chosen, tokenizer)
-        examples.append(_pair_example(tokenizer, prompt, response, max_length=max_length, where=record.where,
-                                      truncate=truncate, eos=eos))
+        examples.append(pair_example(tokenizer, format_record(record, chosen, tokenizer), max_length=max_length,
+                                     where=record.where, truncate=truncate))
     return TokenDataset(nonempty(examples, description), description, template="+".join(sorted(used)))
 
 
@@ -136,10 +148,9 @@ def zoo_dataset(name: str, tokenizer, *, max_length: int, template: str = "auto"
         if limit is not None and len(examples) >= limit:
             break
         record = Record(pair["prompt"], pair["response"], "", pair["source"], instruction)
-        prompt, response, eos = format_record(record, template, tokenizer)
         try:
-            examples.append(_pair_example(tokenizer, prompt, response, max_length=max_length, where=record.where,
-                                          truncate=False, eos=eos))
+            examples.append(pair_example(tokenizer, format_record(record, template, tokenizer), max_length=max_length,
+                                         where=record.where, truncate=False))
         except ValueError:  # longer than the context: these datasets keep the pairs that fit
             continue
     kind = "docstring pairs" if name == "zoo:docstrings" else "topic pairs"

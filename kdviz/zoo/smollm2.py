@@ -64,9 +64,8 @@ def _training_texts(tokenizer, spec: StudentSpec) -> list[str]:
     pairs = docstring_pairs(code, [f"train{i}" for i in range(len(code))])[:4000] + topic_pairs(heldout=False)
     chats = []
     for pair in pairs:
-        prompt, response, _ = format_record(Record(pair["prompt"], pair["response"], "", pair["source"]), "chat",
-                                            tokenizer)
-        chats.append(prompt + response)
+        formatted = format_record(Record(pair["prompt"], pair["response"], "", pair["source"]), "chat", tokenizer)
+        chats.append(formatted.prompt_text + formatted.response_text)
     return code + prose * 3 + chats
 
 
