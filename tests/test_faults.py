@@ -719,7 +719,7 @@ def test_loss_parameters_and_names_of_other_types(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--lr", "-1"], r"learning rate must be a number > 0, got -1.0 \(CLI: --lr\)"),
+    (["--lr", "-1"], r"learning rate must be a finite number > 0, got -1.0. \(CLI: --lr\)"),
     (["--seed", "-1"], r"seed must be an integer in \[0, 2\*\*32\), got -1"),
     (["--loss", "okd", "--param", "lam=0.5"], "loss='okd' distils with okd_base='fkl', so its parameters are that "
                                               "loss's: Loss 'fkl' has no parameter"),

@@ -127,11 +127,17 @@ def test_rouge_l_is_one_for_a_model_that_learned_the_response(tokenizer):
     ({"loss": "kl"}, "Unknown loss 'kl'; choose one of fkl, rkl"),
     ({"loss": "atkd", "loss_params": {"lam": 2}}, "lam=2 is not allowed"),
     ({"loss": "fkl", "loss_params": {"lam": 0.2}}, "has no parameter"),
-    ({"ce_weight": -1}, "ce_weight=-1 is not allowed"),
-    ({"loss": "okd", "okd_base": "ce"}, "okd_base='ce'"),
-    ({"okd_rank": 0}, "okd_rank=0"),
-    ({"atkd_split": "batch"}, "atkd_split='batch' is not allowed; it must be one of 'global', 'micro_batch'"),
-    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps=0 is not allowed"),
+    ({"ce_weight": -1}, "ce_weight must be a finite number >= 0, got -1"),
+    ({"ce_weight": float("inf")}, "ce_weight must be a finite number >= 0, got inf"),
+    ({"loss": "okd", "okd_base": "ce"}, "okd_base must be one of .*, got 'ce'"),
+    ({"okd_rank": 0}, "okd_rank must be an integer >= 1, got 0"),
+    ({"atkd_split": "batch"}, "atkd_split must be one of 'global', 'micro_batch', got 'batch'"),
+    ({"gradient_accumulation_steps": 0}, "gradient_accumulation_steps must be an integer >= 1, got 0"),
+    ({"loss": "okd", "okd_learning_rate": -1.0}, "okd_learning_rate must be a finite number > 0, got -1.0"),
+    ({"loss": "okd", "okd_learning_rate": float("nan")}, "okd_learning_rate must be a finite number > 0, got nan"),
+    ({"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0, got inf"),
+    ({"learning_rate": float("nan")}, "learning rate must be a finite number > 0, got nan"),
+    ({"warmup_steps": 1000, "max_steps": 300}, "warmup_steps=1000 is more than the run's 300 steps"),
 ])
 def test_config_rejects_bad_settings_with_what_is_allowed(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -328,3 +334,16 @@ def test_only_a_tied_head_is_left_out_of_the_missing_keys(tokenizer):
         "transformer.h.0.attn.c_attn.weight"]
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied: really missing
     assert untied_missing_keys(model, ["lm_head.weight"]) == ["lm_head.weight"]
+
+
+def test_a_diverging_run_says_it_diverged(tokenizer, tmp_path):
+    trainer, _ = make_trainer(tokenizer, tmp_path, loss="fkl", learning_rate=1e9, max_steps=6, optim="sgd")
+    with pytest.raises(ValueError, match="training diverged: the student weights are NaN or infinite after [1-9]\\d* "
+                                         "optimizer step\\(s\\) \\(learning rate 1000000000.0"):
+        trainer.train()
+
+
+def test_distill_takes_warmup_steps_from_the_caller(tokenizer, model_dirs, tmp_path):
+    result = distill(model_dirs["teacher"], model_dirs["student"], RECORDS, loss="fkl", steps=2, batch_size=4,
+                     eval_size=2, device="cpu", progress=False, warmup_steps=2, eval_generate_examples=0)
+    assert result.steps_done == 2

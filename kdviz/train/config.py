@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from kdviz.checks import check_choice, check_count, check_fraction, check_non_negative, check_positive
 from kdviz.losses import OBJECTIVES, get_loss
 
 LOSSES = (*OBJECTIVES, "okd")
@@ -56,16 +56,7 @@ class DistillConfig(TrainingArguments):
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"Unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}.")
-        checks = [("ce_weight", self.ce_weight >= 0, ">= 0"), ("hard_fraction", 0 < self.hard_fraction <= 1, "in (0, 1]"),
-                  ("okd_rank", self.okd_rank >= 1, ">= 1"), ("okd_pull", self.okd_pull >= 0, ">= 0"),
-                  ("okd_base", self.okd_base in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
-                  ("atkd_split", self.atkd_split in ATKD_SPLITS, f"one of {', '.join(map(repr, ATKD_SPLITS))}"),
-                  ("gradient_accumulation_steps", self.gradient_accumulation_steps >= 1, ">= 1"),
-                  ("eval_generate_examples", self.eval_generate_examples >= 0, ">= 0"),
-                  ("eval_generate_tokens", self.eval_generate_tokens >= 1, ">= 1")]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"DistillConfig.{name}={getattr(self, name)!r} is not allowed; it must be {allowed}.")
+        self._check_ranges()
         try:
             self.kd_loss()  # validates loss_params (ValueError naming what is allowed)
         except ValueError as err:
@@ -73,11 +64,33 @@ class DistillConfig(TrainingArguments):
                 raise
             raise ValueError(f"loss='okd' distils with okd_base={self.okd_base!r}, so its parameters are that "
                              f"loss's: {err}") from None
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"The learning rate must be a number > 0, got {self.learning_rate!r} (CLI: --lr).")
+        super().__post_init__()
+
+    def _check_ranges(self) -> None:
+        """ValueError naming the first setting out of its range (NaN and infinities included)."""
+        name = lambda field_name: f"DistillConfig.{field_name}"  # noqa: E731
+        check_non_negative(self.ce_weight, name("ce_weight"))
+        check_fraction(self.hard_fraction, name("hard_fraction"))
+        check_count(self.okd_rank, name("okd_rank"), minimum=1)
+        check_non_negative(self.okd_pull, name("okd_pull"))
+        check_choice(self.okd_base, name("okd_base"), tuple(OBJECTIVES))
+        check_choice(self.atkd_split, name("atkd_split"), ATKD_SPLITS)
+        check_count(self.gradient_accumulation_steps, name("gradient_accumulation_steps"), minimum=1)
+        check_count(self.eval_generate_examples, name("eval_generate_examples"), minimum=0)
+        check_count(self.eval_generate_tokens, name("eval_generate_tokens"), minimum=1)
+        check_positive(self.learning_rate, "The learning rate", hint="(CLI: --lr)")
+        if self.okd_learning_rate is not None:
+            check_positive(self.okd_learning_rate, name("okd_learning_rate"), hint="(or None: the learning rate)")
+        check_non_negative(self.weight_decay, name("weight_decay"))
+        check_non_negative(self.max_grad_norm, name("max_grad_norm"))
+        if not (isinstance(self.warmup_steps, (int, float)) and not isinstance(self.warmup_steps, bool)
+                and self.warmup_steps >= 0):
+            raise ValueError(f"{name('warmup_steps')} must be a number >= 0, got {self.warmup_steps!r}.")
+        if self.max_steps > 0 and isinstance(self.warmup_steps, int) and self.warmup_steps > self.max_steps:
+            raise ValueError(f"{name('warmup_steps')}={self.warmup_steps} is more than the run's {self.max_steps} steps: "
+                             "the learning rate would never reach its peak. Use at most the number of steps.")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"The seed must be an integer in [0, 2**32), got {self.seed!r} (CLI: --seed).")
-        super().__post_init__()
 
     def kd_loss(self):
         """The configured objective (for OKD, its base objective)."""

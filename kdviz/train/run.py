@@ -187,11 +187,11 @@ def _config(output_dir: str, *, loss: str, steps: int, batch_size: int, learning
             device: str, save_steps: int | None, progress: bool, **config) -> DistillConfig:
     """The Trainer's arguments for a distill run (cosine schedule, 5 % warm-up, about 50 log rows)."""
     saving = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {}
+    defaults = {"lr_scheduler_type": "cosine", "warmup_steps": max(1, steps // 20),
+                "logging_steps": max(1, steps // 50), **saving}
     return DistillConfig(output_dir=output_dir, loss=loss, max_steps=steps, per_device_train_batch_size=batch_size,
-                         per_device_eval_batch_size=batch_size, learning_rate=learning_rate,
-                         lr_scheduler_type="cosine", warmup_steps=max(1, steps // 20),
-                         logging_steps=max(1, steps // 50), seed=seed, disable_tqdm=not progress,
-                         use_cpu=device == "cpu", **saving, **config)
+                         per_device_eval_batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                         disable_tqdm=not progress, use_cpu=device == "cpu", **{**defaults, **config})
 
 
 def _train(trainer: DistillTrainer, pair: ModelPair, dataset: TokenDataset, out_dir, checkpoint) -> DistillResult:

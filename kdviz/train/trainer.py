@@ -190,11 +190,21 @@ class DistillTrainer(Trainer):
 
     @contextmanager
     def _at_step(self):
-        """ValueErrors (bad logits, no targets) say at which step they happened."""
+        """ValueErrors (bad logits, no targets) say at which step they happened, and whether training diverged."""
         try:
             yield
         except ValueError as err:
-            raise ValueError(f"Step {self.state.global_step}: {err}") from err
+            raise ValueError(f"Step {self.state.global_step}: {self._diverged() or err}") from err
+
+    def _diverged(self) -> str | None:
+        """What to say when the trained weights hold NaN or infinity (an update blew them up), else None."""
+        trained = [*self.model.parameters(), *(self.adapter.parameters() if self.adapter is not None else ())]
+        if all(bool(torch.isfinite(p).all()) for p in trained):
+            return None
+        okd = f", OKD adapter {self.args.okd_learning_rate}" if self.adapter is not None else ""
+        return (f"training diverged: the {'student or OKD adapter' if okd else 'student'} weights are NaN or infinite "
+                f"after {self.state.global_step} optimizer step(s) (learning rate {self.args.learning_rate}{okd}, "
+                f"weight decay {self.args.weight_decay}). Lower the learning rate (CLI: --lr) and start again.")
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         if self.adapter is not None:  # a new optimizer step: the Trainer zeroes only the student's gradients
@@ -237,11 +247,9 @@ class DistillTrainer(Trainer):
             parts = self.source.loss(self.kd, model, prepared.side, inputs, linear=self.use_linear,
                                       ce_weight=self.args.ce_weight, num_items=window.num_items, split=prepared.split)
         if not torch.isfinite(parts.kd) or not torch.isfinite(parts.ce):
-            raise ValueError(
-                f"Step {self.state.global_step}: the loss is not finite (kd={float(parts.kd)}, ce={float(parts.ce)}). "
-                "Check the teacher's outputs for NaN/inf (fp16 overflow), or lower the learning rate "
-                f"(now {self.args.learning_rate})."
-            )
+            raise ValueError(f"Step {self.state.global_step}: " + (self._diverged() or (
+                f"the loss is not finite (kd={float(parts.kd)}, ce={float(parts.ce)}). Check the teacher's outputs for "
+                f"NaN/inf (fp16 overflow), or lower the learning rate (now {self.args.learning_rate}).")))
         hard, easy = parts.hard_easy(self.args.log_fraction, split=window.log_split)
         self._record(kd=float(parts.kd), kd_hard=hard, kd_easy=easy, ce=float(parts.ce),
                      unc=float(parts.unc.sum()) / window.num_items, **parts.logs)
