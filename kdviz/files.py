@@ -12,9 +12,13 @@ file or the new one, never half of one. Output paths are checked before any work
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import shutil
+import sys
 import tempfile
+import time
 import uuid
 import warnings
 from contextlib import contextmanager
@@ -228,3 +232,51 @@ def staged_folder(out: str | os.PathLike, *, what: str = "folder") -> Iterator[P
                          "unchanged. Free some space or choose another folder.") from err
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def lock_path(out: str | os.PathLike, *, inside: bool = False) -> Path:
+    """Where the writer of `out` keeps its lock: in the folder (`inside`), or as a hidden file beside it."""
+    out = expand(out)
+    return out / ".kdviz-lock" if inside else out.with_name(f".{out.name}.kdviz-lock")
+
+
+@contextmanager
+def writer_lock(out: str | os.PathLike, *, what: str, inside: bool = False) -> Iterator[None]:
+    """Hold the only right to write `out` while the block runs; a second writer gets a ValueError naming the first
+    (its process id, command line and start time), so two runs never write one folder. POSIX only (elsewhere: no
+    lock). The lock file goes away when the block ends."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = lock_path(out, inside=inside)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise ValueError(f"Another kdviz run is writing the {what} {expand(out)} ({holder}); two runs would "
+                             "overwrite each other's files. Wait for it to finish, or give this run another output.") \
+                from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}, `{' '.join(sys.argv)[:200]}`, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                path.unlink()  # while still holding it (the lock goes with the file's closing)
+
+
+def remove_stale_stages(out: str | os.PathLike) -> list[Path]:
+    """Remove staging folders and files of `out` left by an earlier writer that was killed (call while holding
+    `writer_lock(out)`: no other writer can own them then). The removed paths."""
+    out = expand(out)
+    stale = sorted(out.parent.glob(f"{glob.escape(out.name)}{TEMP_MARK}*")) if out.parent.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return stale

@@ -540,12 +540,16 @@ sys.stdin.read()  # until the test closes our stdin
 """
 
 
+@pytest.mark.parametrize("no_cache", [False, True])
 def test_a_second_run_of_the_same_analysis_waits_for_the_first_and_reuses_its_result(model_dirs, tmp_path,
-                                                                                  monkeypatch):
+                                                                                  monkeypatch, no_cache):
+    """With --no-cache too: two identical runs share one parts folder, so the second waits (it used to delete the
+    first one's parts under it)."""
     monkeypatch.setenv("KDVIZ_CACHE_DIR", str(tmp_path / "cache"))
     data = jsonl(tmp_path / "d.jsonl", RECORDS * 4)
     def command(out):
-        return [sys.executable, "-m", "kdviz", *map(str, analyze_args(model_dirs, data, out)), "--part-tokens", "64"]
+        return [sys.executable, "-m", "kdviz", *map(str, analyze_args(model_dirs, data, out)), "--part-tokens", "64",
+                *(["--no-cache"] if no_cache and out.name == "b.parquet" else [])]
 
     subprocess.run(command(tmp_path / "a.parquet"), check=True, capture_output=True, timeout=300)  # entry + lock
     (lock,) = (tmp_path / "cache" / "analyze").glob("*.lock")
@@ -565,7 +569,7 @@ def test_a_second_run_of_the_same_analysis_waits_for_the_first_and_reuses_its_re
     holder.wait(timeout=30)
     _, err = second.communicate(timeout=300)
     assert second.returncode == 0, err
-    assert entry.stat().st_mtime_ns == finished  # reused, not computed again
+    assert entry.stat().st_mtime_ns == finished  # reused, or (--no-cache) computed into --out: the entry untouched
     assert TokenTable.load(tmp_path / "b.parquet").df.equals(TokenTable.load(tmp_path / "a.parquet").df)
 
 

@@ -126,7 +126,7 @@ def analyze(
     root = expand(cache_dir) / "analyze" if cache_dir else cache_root() / "analyze"
     entry = root / f"{key}.parquet"
     rows = [pair.source.table_rows(example) for example in dataset]
-    with entry_lock(root, key, enabled=cache and here.is_main):  # rank 0 decides; the others follow
+    with entry_lock(root, key, enabled=here.is_main):  # one run of this analysis at a time; rank 0 decides
         found = cached_table(entry, sum(rows), lazy=lazy) if cache and here.is_main else None
         if distributed.broadcast(found is not None):
             return deliver(found if here.is_main else TokenTable.load(entry, lazy=lazy), entry, out)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from kdviz.cache.format import ARRAYS, FORMAT, PER_TOKEN, TeacherCache
 from kdviz.checks import check_count, check_temperature
 from kdviz.data import TokenDataset, collate, example_key, pad_id, target_positions
-from kdviz.files import file_checksums, new_folder
+from kdviz.files import expand, file_checksums, new_folder, remove_stale_stages, writer_lock
 from kdviz.maths.topk import TopKRows
 from kdviz.models import fingerprint, last_hidden, output_head, tokenizer_fingerprint
 from kdviz.batching import length_batches
@@ -40,7 +40,7 @@ def build(teacher, tokenizer, dataset: TokenDataset, out: str | os.PathLike, *, 
             "data_description": dataset.description, "template": dataset.template, "examples": len(dataset),
             "tokens": total, "top_k": top_k, "temperature": float(temperature), "vocab_size": vocab,
             "max_length": max_length or max(len(ex.input_ids) for ex in dataset)}
-    with new_folder(out, what="teacher cache") as stage:
+    with writer_lock(out, what="teacher cache"), new_folder(_fresh(out), what="teacher cache") as stage:
         arrays = {"ids": np.lib.format.open_memmap(stage / "ids.npy", "w+", id_type, (total, top_k)),
                   "logprobs": np.lib.format.open_memmap(stage / "logprobs.npy", "w+", np.float32, (total, top_k)),
                   "target_logp": np.lib.format.open_memmap(stage / "target_logp.npy", "w+", np.float32, (total,)),
@@ -60,6 +60,15 @@ def build(teacher, tokenizer, dataset: TokenDataset, out: str | os.PathLike, *, 
         meta["checksums"] = file_checksums(stage / f"{n}.npy" for n in ARRAYS)  # checked at every open
         (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     return TeacherCache.open(out)
+
+
+def _fresh(out) -> str | os.PathLike:
+    """`out`, checked to be new, with what a killed earlier build left beside it removed (under the writer lock)."""
+    if expand(out).exists():
+        raise ValueError(f"{expand(out)} exists; give a new folder for the teacher cache (a cache is written whole, "
+                         "never over another).")
+    remove_stale_stages(out)
+    return out
 
 
 @torch.inference_mode()

@@ -79,7 +79,10 @@ def _interrupted(command: str) -> int:
     return 130
 
 
-INTERRUPTED = {"analyze": "finished parts are kept: run the same command again to continue from them."}
+INTERRUPTED = {"analyze": "finished parts are kept: run the same command again to continue from them.",
+               "distill": "checkpoints in --out are kept: run the same command with --resume to continue from the "
+                          "latest one (or to finish a run interrupted after it; with none, run it again).",
+               "teacher-cache": "run the same command again (what the interrupted build left is cleaned up)."}
 
 
 if __name__ == "__main__":

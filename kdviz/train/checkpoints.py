@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 from kdviz.data import TokenDataset
@@ -12,6 +13,7 @@ from kdviz.train.config import DistillConfig, run_settings
 
 CHECKPOINT_MARK = "kdviz_checkpoint.json"  # written last: a checkpoint folder with it is complete
 EVAL_BEFORE = "eval_before.json"  # the evaluation before training, reused when a run resumes
+LEFT_BY_A_START = (EVAL_BEFORE, ".kdviz-lock")  # what a run that stopped before its first checkpoint leaves
 
 
 def checkpoints(out_dir: str | Path) -> list[Path]:
@@ -61,20 +63,37 @@ def check_inputs(checkpoint: Path, inputs: dict) -> None:
 
 
 def resume_point(out_dir: str | Path | None, resume: bool | str, args: DistillConfig) -> Path:
-    """The checkpoint to continue (`resume`: True for the latest in `out_dir`, or a path), checked against `args`."""
+    """The checkpoint to continue (`resume`: True for the latest in `out_dir`, or a path), checked against `args`.
+
+    A run killed after its last checkpoint (in the final evaluation or while saving) resumes too: it trains no
+    more steps, evaluates and saves. Checkpoint folders a kill left half-written are removed."""
     if out_dir is None:
         raise ValueError("resume_from_checkpoint needs out_dir: the checkpoints are written there.")
+    removed = remove_incomplete(out_dir)
     if resume is True:
         found = checkpoints(out_dir)
         if not found:
-            raise ValueError(f"No checkpoint in {expand(out_dir)} to resume from. Run without --resume to start "
-                             "(checkpoints are written every --save-steps steps and when a run is interrupted).")
+            half = f" ({', '.join(p.name for p in removed)} was half-written when the run was killed: removed)" \
+                if removed else ""
+            raise ValueError(f"No complete checkpoint in {expand(out_dir)} to resume from{half}. Run without --resume "
+                             "to start (checkpoints are written every --save-steps steps and when a run is "
+                             "interrupted).")
         path = found[-1]
     else:
         path = expand(resume)
         if not (path / CHECKPOINT_MARK).is_file():
             raise ValueError(f"{path} is not a complete kdviz checkpoint (no {CHECKPOINT_MARK}); give a "
                              f"checkpoint-N folder written by kdviz distill, or True for the latest in --out.")
+    check_checkpoint(path, args)
+    if checkpoint_step(path) >= args.max_steps and finished(out_dir):
+        raise ValueError(f"The run in {expand(out_dir)} already finished its {args.max_steps} steps: its student and "
+                         "metrics.json are there; there is nothing to resume. To train longer, start a new run with "
+                         "more --steps in another --out.")
+    return path
+
+
+def check_checkpoint(path: Path, args: DistillConfig) -> None:
+    """ValueError when checkpoint `path` is damaged or was written with other settings than `args`."""
     saved, now = _read_json(path / CHECKPOINT_MARK, "checkpoint mark"), run_settings(args)
     problem = changed_file(path, saved.get("files", {}), since="it was written")
     if problem:
@@ -87,21 +106,37 @@ def resume_point(out_dir: str | Path | None, resume: bool | str, args: DistillCo
         raise ValueError(f"The checkpoint {path} was written with other settings ({'; '.join(differ)}). Resume with "
                          "the settings it was written with (the global batch = processes x batch size x accumulation "
                          "may be cut differently), or start anew in another --out.")
-    if checkpoint_step(path) >= args.max_steps:
-        raise ValueError(f"The run in {path.parent} already finished its {args.max_steps} steps ({path.name}); there "
-                         "is nothing to resume. Its student and metrics.json are there; to train longer, start a new "
-                         "run with more --steps in another --out.")
-    return path
+
+
+def finished(out_dir: str | Path) -> bool:
+    """Whether the run in `out_dir` saved its student and metrics.json (written last) and was not interrupted."""
+    metrics = expand(out_dir) / "metrics.json"
+    if not metrics.is_file():
+        return False
+    return not _read_json(metrics, "run metrics").get("interrupted", False)
+
+
+def remove_incomplete(out_dir: str | Path) -> list[Path]:
+    """Remove checkpoint folders without their mark (a kill while one was written); the removed folders. Called
+    while the run holds the folder's lock, so no other run is writing them."""
+    folder = expand(out_dir)
+    half = [path for path in folder.glob("checkpoint-*") if path.is_dir() and not (path / CHECKPOINT_MARK).is_file()] \
+        if folder.is_dir() else []
+    for path in half:
+        shutil.rmtree(path)
+    return half
 
 
 def check_fresh(out_dir: str | Path) -> None:
-    """ValueError unless `out_dir` is new, empty, or holds only what a failed start of a run leaves."""
+    """ValueError unless `out_dir` is new, empty, or holds only what a failed start of a run leaves (which is
+    removed: half-written checkpoints, the stored evaluation before training)."""
     folder = expand(out_dir)
     found = checkpoints(folder) if folder.is_dir() else []
     if found:
         raise ValueError(f"{folder} holds checkpoints of an earlier run (latest {found[-1].name}); continue "
                          "it with --resume (resume_from_checkpoint=True), or choose another --out.")
-    held = sorted(p.name for p in folder.iterdir() if TEMP_MARK not in p.name and p.name != EVAL_BEFORE) \
+    remove_incomplete(folder)
+    held = sorted(p.name for p in folder.iterdir() if TEMP_MARK not in p.name and p.name not in LEFT_BY_A_START) \
         if folder.is_dir() else []
     if held:
         what = ("a finished run" if "metrics.json" in held else "a model" if "config.json" in held else
@@ -109,8 +144,6 @@ def check_fresh(out_dir: str | Path) -> None:
         raise ValueError(f"--out {folder} already holds {what} ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}"
                          "); saving the student there would replace them. Give a new or empty folder as --out (a "
                          "teacher's, a student's or a cache's folder never is one).")
-
-
 
 
 def write_mark(folder: Path, args: DistillConfig, inputs: dict | None) -> None:

@@ -15,8 +15,8 @@ from transformers import PrinterCallback
 
 from kdviz.checks import check_count
 from kdviz.data import TokenDataset, check_template, read_data, tokenize
-from kdviz.distributed import barrier, broadcast
-from kdviz.files import check_writable, expand, staged_folder, write_text
+from kdviz.distributed import barrier, broadcast, world
+from kdviz.files import check_writable, expand, staged_folder, write_text, writer_lock
 from kdviz.models import resolve_device
 from kdviz.pair import ModelPair, load_pair
 from kdviz.train.checkpoints import (EVAL_BEFORE, check_fresh, check_inputs, checkpoint_step, checkpoints,
@@ -153,34 +153,43 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
     args = _config(str(out_dir or scratch), loss=loss, steps=steps, batch_size=batch_size,
                    learning_rate=learning_rate, seed=seed, device=device, save_steps=save_steps, progress=progress,
                    **config)  # settings checked before anything is loaded
-    checkpoint = resume_point(out_dir, resume_from_checkpoint, args) if resume_from_checkpoint else None
     source = read_data(data, limit=limit, prompt_field=prompt_field, response_field=response_field,
                        context_field=context_field)
     if out_dir is not None:
         check_writable(out_dir, what="output folder", folder=True)
-        if checkpoint is None:
-            check_fresh(out_dir)
-    torch.manual_seed(seed)
-    pair = load_pair(teacher, student, teacher_cache=teacher_cache, device=device)
-    pair.student.float().requires_grad_(True)
-    dataset = tokenize(source, pair.tokenizer, max_length=pair.context(max_length), limit=limit, template=template,
-                       truncate=truncate)
-    train, evaluation = split_data(dataset, eval_size=eval_split_size(eval_size, len(dataset)), seed=seed)
-    trainer = DistillTrainer(model=pair.student, source=pair.source, args=args, train_dataset=train,
-                             eval_dataset=evaluation, processing_class=pair.tokenizer, vocab_size=pair.vocab_size,
-                             callbacks=callbacks)
-    trainer.run_inputs = run_inputs(pair, train, evaluation)
-    if checkpoint is not None:
-        check_inputs(checkpoint, trainer.run_inputs)
-    if not progress:
-        trainer.remove_callback(PrinterCallback)  # quiet: the log history is in the result
-    result = _train(trainer, pair, dataset, out_dir, checkpoint)
-    if out_dir:
-        pair.student.eval()
-        save_run(trainer, result, out_dir)
-    else:
+    owner = out_dir is not None and world().is_main  # one writer per folder: the main process holds the lock
+    with writer_lock(out_dir, what="output folder", inside=True) if owner else nullcontext():
+        checkpoint = _start_point(out_dir, resume_from_checkpoint, args)
+        torch.manual_seed(seed)
+        pair = load_pair(teacher, student, teacher_cache=teacher_cache, device=device)
+        pair.student.float().requires_grad_(True)
+        dataset = tokenize(source, pair.tokenizer, max_length=pair.context(max_length), limit=limit,
+                           template=template, truncate=truncate)
+        train, evaluation = split_data(dataset, eval_size=eval_split_size(eval_size, len(dataset)), seed=seed)
+        trainer = DistillTrainer(model=pair.student, source=pair.source, args=args, train_dataset=train,
+                                 eval_dataset=evaluation, processing_class=pair.tokenizer, vocab_size=pair.vocab_size,
+                                 callbacks=callbacks)
+        trainer.run_inputs = run_inputs(pair, train, evaluation)
+        if checkpoint is not None:
+            check_inputs(checkpoint, trainer.run_inputs)
+        if not progress:
+            trainer.remove_callback(PrinterCallback)  # quiet: the log history is in the result
+        result = _train(trainer, pair, dataset, out_dir, checkpoint)
+        if out_dir:
+            pair.student.eval()
+            save_run(trainer, result, out_dir)
+    if scratch:
         shutil.rmtree(scratch, ignore_errors=True)
     return result
+
+
+def _start_point(out_dir, resume, args: DistillConfig):
+    """The checkpoint to continue (`resume`), or None for a fresh start in a folder checked to be fresh."""
+    if resume:
+        return resume_point(out_dir, resume, args)
+    if out_dir is not None:
+        check_fresh(out_dir)
+    return None
 
 
 def _config(output_dir: str, *, loss: str, steps: int, batch_size: int, learning_rate: float, seed: int,
