@@ -80,3 +80,41 @@ def gathered(tensor: torch.Tensor | None) -> torch.Tensor | None:
 def world_size() -> int:
     """Processes in the running process group (1 when none is running)."""
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class SharedError(ValueError):
+    """An error every process of a run reaches together (the same input refused on each): rank 0 alone says it."""
+
+
+class RankMismatch(SharedError):
+    """The processes of one run hold different data, settings or models."""
+
+
+def check_agree(values: dict[str, object]) -> None:
+    """RankMismatch on every rank when the processes disagree on any of `values` (data fingerprints, settings,
+    model fingerprints): each one's hash is gathered, and the first that differs is named with the ranks."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    import hashlib
+    import json
+
+    mine = {key: hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+            for key, value in values.items()}
+    gathered_values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered_values, mine)
+    for key in values:
+        seen = [ranks[key] for ranks in gathered_values]
+        if len(set(seen)) > 1:
+            differ = [rank for rank, value in enumerate(seen) if value != seen[0]]
+            raise RankMismatch(f"The {dist.get_world_size()} processes of this run do not hold the same {key}: rank(s) "
+                               f"{differ} differ from rank 0. Every process must read the same data (a file all of "
+                               "them can read, the same on every node), with the same options and models.")
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether `err` is this process losing its peers (another rank failed and left), not a failure of its own."""
+    names = {type(e).__name__ for e in (err, err.__cause__, err.__context__) if e is not None}
+    text = str(err).lower()
+    return bool(names & {"DistBackendError", "DistNetworkError"}) or (
+        isinstance(err, RuntimeError) and any(word in text for word in ("gloo", "nccl", "connection closed",
+                                                                       "connection reset", "broken pipe")))

@@ -261,7 +261,68 @@ def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_resuming_finishes(mode
     assert [entry["step"] for entry in final["history"] if "kd" in entry] == list(range(1, 61))
 
 
-WORKERS = {"train_layouts": train_layouts, "fsdp_heads": fsdp_heads}
+def rank_zero_fails(out: str) -> None:
+    """Worker: through the CLI's error handling, rank 0 refuses its input while rank 1 waits for it."""
+    import kdviz.cli as cli
+    from kdviz import distributed
+
+    def handler(args):
+        distributed.init("cpu")
+        distributed.barrier()
+        if distributed.world().is_main:
+            raise ValueError("rank zero refuses this input")
+        distributed.barrier()  # never met: rank 0 has left
+
+    cli.HANDLERS["zoo"] = handler
+    sys.exit(cli.main(["zoo", "list"]))
+
+
+def ranks_disagree() -> None:
+    """Worker: each rank holds other data; every rank stops with one message, from rank 0."""
+    import kdviz.cli as cli
+    from kdviz import distributed
+
+    def handler(args):
+        distributed.init("cpu")
+        distributed.check_agree({"data": f"rank {distributed.world().rank}'s data", "settings": "the same"})
+
+    cli.HANDLERS["zoo"] = handler
+    sys.exit(cli.main(["zoo", "list"]))
+
+
+def torchrun_logs(tmp_path, *args) -> tuple[int, str, str]:
+    """(exit code, rank 0's stderr, rank 1's stderr) of a 2-process torchrun with per-rank logs."""
+    logs = tmp_path / "logs"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "--log-dir", str(logs), "--redirects", "3", *args], capture_output=True, text=True,
+                          timeout=600, env=child_env())
+    errs = [next(logs.rglob(f"attempt_0/{rank}/stderr.log")).read_text() for rank in (0, 1)]
+    return done.returncode, *errs
+
+
+def test_one_rank_failing_stops_every_rank_with_that_ranks_message_only(tmp_path):
+    code, rank0, rank1 = torchrun_logs(tmp_path, str(HERE), "rank_zero_fails", str(tmp_path))
+    assert code != 0
+    assert "kdviz zoo: error (rank 0 of 2): rank zero refuses this input" in rank0
+    assert "Traceback" not in rank1 and "error" not in rank1.lower(), rank1[-2000:]
+
+
+def test_ranks_holding_other_data_are_refused_once(tmp_path):
+    code, rank0, rank1 = torchrun_logs(tmp_path, str(HERE), "ranks_disagree")
+    assert code != 0
+    assert "do not hold the same data: rank(s) [1] differ from rank 0" in rank0 and "settings" not in rank0
+    assert rank1.strip() == "", rank1[-2000:]
+
+
+def test_a_pipe_as_data_is_refused_under_torchrun(model_dirs, tmp_path):
+    command = distill_command(model_dirs, "/dev/stdin", tmp_path / "run")[2:]  # (without "python -m kdviz")
+    code, rank0, rank1 = torchrun_logs(tmp_path, "-m", "kdviz", *command)
+    assert code != 0 and "is a pipe or a device, and this run has 2 processes" in rank0
+    assert rank1.strip() == "", rank1[-2000:]
+
+
+WORKERS = {"train_layouts": train_layouts, "fsdp_heads": fsdp_heads, "rank_zero_fails": rank_zero_fails,
+           "ranks_disagree": ranks_disagree}
 
 if __name__ == "__main__":
     WORKERS[sys.argv[1]](*sys.argv[2:])

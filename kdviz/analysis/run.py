@@ -120,6 +120,7 @@ def analyze(
     settings = {"k": k, "split": split, "top_k": top_k, "temperature": temperature,
                 "batch_size": batch_size if split == "batch" else None}
     key = entry_key(part_key, settings)
+    distributed.check_agree({"data": dataset.fingerprint, "models": pair.fingerprint, "settings": settings})
     meta = {**settings, "teacher": pair.teacher_name, "student": pair.student_name, "fingerprint": pair.fingerprint,
             "data": dataset.description, "data_fingerprint": dataset.fingerprint, "template": dataset.template,
             "format": TABLE_FORMAT}

@@ -9,6 +9,7 @@ import warnings
 
 from kdviz.cli import analyze, cache, demo, distill, zoo
 from kdviz.cli.options import EPILOG
+from kdviz.distributed import SharedError, is_peer_failure, world
 from kdviz.files import KdvizWarning
 
 
@@ -52,13 +53,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         HANDLERS[args.command](args)
     except ValueError as err:
-        print(f"kdviz {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _failed(args.command, err)
     except KeyboardInterrupt:
         return _interrupted(args.command)
+    except Exception as err:
+        if world().size > 1 and is_peer_failure(err):  # another rank failed and said why; this one just stops
+            return 2
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _failed(command: str, err: ValueError) -> int:
+    """Print the error once: an error every rank reached together (SharedError) on rank 0 only, and an error of
+    one rank's own with its rank number."""
+    here = world()
+    if here.size == 1:
+        print(f"kdviz {command}: error: {err}", file=sys.stderr)
+    elif here.is_main or not isinstance(err, SharedError):
+        print(f"kdviz {command}: error (rank {here.rank} of {here.size}): {err}", file=sys.stderr)
+    return 2
 
 
 def _interrupted(command: str) -> int:
@@ -67,7 +82,7 @@ def _interrupted(command: str) -> int:
     message = (f"kdviz {command}: interrupted. Files that existed before are unchanged; "
                f"{INTERRUPTED.get(command, 'run it again to start over.')}")
     try:
-        for _ in range(2):  # a signal already pending when the handlers changed interrupts the first try
+        for _ in range(2 if world().is_main else 0):  # a pending signal interrupts the first try; rank 0 speaks
             try:
                 print(message, file=sys.stderr)
                 break

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kdviz.distributed import SharedError, world
 from kdviz.files import expand
 
 TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst")
@@ -233,6 +234,10 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 def read_path(path: Path, *, limit: int | None, fields: Fields) -> Source:
+    if path.exists() and not (path.is_file() or path.is_dir()) and world().size > 1:
+        raise SharedError(f"--data {path} is a pipe or a device, and this run has {world().size} processes: each would "
+                         "read other chunks of it and train or analyse on other data. Save the data to a file all the "
+                         "processes can read, and give that file.")
     if not path.exists():
         raise ValueError(f"Data path {path} does not exist (looked for {path.resolve()}). Give an existing file or "
                          f"folder, a zoo dataset ({', '.join(ZOO_DATASETS)}), or, from Python, a list of texts.")

@@ -15,7 +15,7 @@ from transformers import PrinterCallback
 
 from kdviz.checks import check_count
 from kdviz.data import TokenDataset, check_template, read_data, tokenize
-from kdviz.distributed import barrier, broadcast, world
+from kdviz.distributed import barrier, broadcast, check_agree, world
 from kdviz.files import check_writable, expand, staged_folder, write_text, writer_lock
 from kdviz.models import resolve_device
 from kdviz.pair import ModelPair, load_pair
@@ -170,6 +170,7 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
                                  eval_dataset=evaluation, processing_class=pair.tokenizer, vocab_size=pair.vocab_size,
                                  callbacks=callbacks)
         trainer.run_inputs = run_inputs(pair, train, evaluation)
+        check_agree({**trainer.run_inputs, "settings": run_settings(args)})  # every process: same data and models
         if checkpoint is not None:
             check_inputs(checkpoint, trainer.run_inputs)
         if not progress:
