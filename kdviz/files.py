@@ -280,3 +280,23 @@ def remove_stale_stages(out: str | os.PathLike) -> list[Path]:
     for path in stale:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return stale
+
+
+def seal(path: str | os.PathLike) -> Path:
+    """Record `path`'s xxh3 beside it (``NAME.xxh3``, written last): the file that lists an artefact's checksums
+    (a cache's meta.json, a checkpoint's mark) is covered too."""
+    path = expand(path)
+    return write_text(path.with_name(f"{path.name}.xxh3"), file_digest(path) + "\n", what="checksum")
+
+
+def seal_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with `path` against its seal (missing, changed), or None; None too for an artefact written
+    before kdviz sealed this file (no seal beside it)."""
+    path = expand(path)
+    sealed = path.with_name(f"{path.name}.xxh3")
+    if not sealed.is_file():
+        return None
+    if not path.is_file():
+        return f"{path.name} is missing"
+    expected, found = sealed.read_text().strip(), file_digest(path)
+    return None if found == expected else f"{path.name} has changed since it was written (xxh3 {found}, sealed {expected})"

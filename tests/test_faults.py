@@ -622,7 +622,8 @@ def test_resuming_a_finished_run_changes_nothing(model_dirs, tmp_path, capsys):
     assert run_cli(args, capsys)[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     code, _, err = run_cli([*args, "--resume"], capsys)
-    assert code == 2 and "already finished its 2 steps (checkpoint-2); there is nothing to resume" in err
+    assert code == 2 and "already finished its 2 steps: its student and metrics.json are there; there is nothing to " \
+                         "resume" in err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
 
@@ -649,7 +650,12 @@ def test_resume_refuses_other_inputs_and_a_damaged_checkpoint(model_dirs, tmp_pa
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # half-copied
     code, _, err = run_cli([*base, "--data", data, "--eval-size", "4", "--resume"], capsys)
     assert code == 2 and "checkpoint-1 is damaged: model.safetensors has changed since it was written" in err, err
+    weights.write_bytes(b"")
     mark = out / "checkpoint-1" / "kdviz_checkpoint.json"
+    edited = json.loads(mark.read_text())
+    mark.write_text(json.dumps({**edited, "files": {}}))  # an edited mark that no longer lists the damaged file
+    code, _, err = run_cli([*base, "--data", data, "--eval-size", "4", "--resume"], capsys)
+    assert code == 2 and "damaged: kdviz_checkpoint.json has changed since it was written" in err, err
     mark.write_text(mark.read_text()[:40])
     code, _, err = run_cli([*base, "--data", data, "--eval-size", "4", "--resume"], capsys)
     assert code == 2 and f"The checkpoint mark {mark} cannot be read" in err and "Traceback" not in err, err
@@ -746,3 +752,35 @@ def test_output_paths_through_a_link_and_with_two_suffixes(table_and_path, tmp_p
     code, _, err = run_cli(["analyze", "--teacher", "t", "--student", "s", "--data", "zoo:code", "--out",
                             tmp_path / "t.parquet", "--report", tmp_path / "r.html.gz"], capsys)
     assert code == 2 and f"--report {tmp_path / 'r.html'}." in err
+
+
+def test_a_cache_inside_the_data_folder_is_refused_both_ways(model_dirs, tmp_path, capsys, pair):
+    from kdviz.cache import build
+
+    data = tmp_path / "data"
+    data.mkdir()
+    jsonl(data / "train.jsonl", RECORDS)
+    code, _, err = run_cli(["teacher-cache", "--teacher", model_dirs["teacher"], "--data", data, "--out",
+                            data / "cache", "--device", "cpu"], capsys)
+    assert code == 2 and "is inside the --data folder" in err and not (data / "cache").exists()
+    build(pair.teacher, pair.tokenizer, load_data(data, pair.tokenizer, max_length=64), data / "cache", top_k=4,
+          progress=False)  # (made from Python, where no --data folder is known)
+    with pytest.raises(ValueError, match=r"holds a kdviz teacher cache \(.*cache\), which is not data"):
+        read_data(data)
+
+
+def test_loaders_say_what_they_expected(pair, tmp_path):
+    from kdviz.cache import TeacherCache, build
+
+    records = tmp_path / "records.parquet"
+    pl.DataFrame(RECORDS).write_parquet(records)
+    with pytest.raises(ValueError, match="is a parquet file but not a kdviz token table: it lacks the columns"):
+        TokenTable.load(records)
+    cache = build(pair.teacher, pair.tokenizer, load_data(RECORDS, pair.tokenizer, max_length=64), tmp_path / "c",
+                  top_k=4, progress=False)
+    meta = json.loads((cache.folder / "meta.json").read_text())
+    (cache.folder / "meta.json").write_text(json.dumps({**meta, "temperature": 2.0}, indent=2))  # an edited meta.json
+    with pytest.raises(ValueError, match="damaged: meta.json has changed since it was written"):
+        TeacherCache.open(cache.folder)
+    with pytest.raises(ValueError, match="is not a teacher cache \\(no meta.json\\)"):
+        TeacherCache.open(tmp_path)

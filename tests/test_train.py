@@ -321,7 +321,7 @@ def test_resume_without_a_checkpoint_says_so(model_dirs, tmp_path, capsys):
     code = main(["distill", "--teacher", str(model_dirs["teacher"]), "--student", str(model_dirs["student"]),
                  "--data", "zoo:docstrings", "--out", str(tmp_path / "empty"), "--resume"])
     assert code == 2
-    assert "No checkpoint in" in capsys.readouterr().err
+    assert "No complete checkpoint in" in capsys.readouterr().err
 
 
 def test_only_a_tied_head_is_left_out_of_the_missing_keys(tokenizer):

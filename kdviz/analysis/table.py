@@ -14,6 +14,7 @@ from kdviz.files import expand, write_with
 VISIBLE_WHITESPACE = str.maketrans({" ": "·", "\n": "↵", "\t": "→", "\r": "␍"})
 TABLE_FORMAT = 2  # bump when the columns change (part of the cache key)
 META_KEY = "kdviz"
+TABLE_COLUMNS = {"doc_id", "position", "token_id", "is_response", "unc", "tkd", "dkd", "kl", "hard"}
 
 
 def visible(text: str) -> str:
@@ -152,6 +153,10 @@ class TokenTable:
             rows = int(frame.select(pl.len()).collect().item())
         except Exception as err:  # polars raises several error types for a damaged file
             raise ValueError(f"{path} is not a readable token table ({type(err).__name__}: {err}).") from None
+        missing = sorted(TABLE_COLUMNS - set(frame.collect_schema().names()))
+        if missing:
+            raise ValueError(f"{path} is a parquet file but not a kdviz token table: it lacks the columns {missing} "
+                             "(a token table is written by kdviz analyze --out or TokenTable.save).")
         if "rows" in meta and meta["rows"] != rows:
             raise ValueError(f"{path} is incomplete: it holds {rows} rows of the {meta['rows']} it was written with.")
         table = cls(frame, meta)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from kdviz.cache.format import ARRAYS, FORMAT, PER_TOKEN, TeacherCache
 from kdviz.checks import check_count, check_temperature
 from kdviz.data import TokenDataset, collate, example_key, pad_id, target_positions
-from kdviz.files import expand, file_checksums, new_folder, remove_stale_stages, writer_lock
+from kdviz.files import expand, file_checksums, new_folder, remove_stale_stages, seal, writer_lock
 from kdviz.maths.topk import TopKRows
 from kdviz.models import fingerprint, last_hidden, output_head, tokenizer_fingerprint
 from kdviz.batching import length_batches
@@ -59,6 +59,7 @@ def build(teacher, tokenizer, dataset: TokenDataset, out: str | os.PathLike, *, 
         meta["bytes_per_token"] = sum((stage / f"{n}.npy").stat().st_size for n in PER_TOKEN) / max(1, total)
         meta["checksums"] = file_checksums(stage / f"{n}.npy" for n in ARRAYS)  # checked at every open
         (stage / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        seal(stage / "meta.json")  # the checksums cover the arrays; this covers meta.json itself
     return TeacherCache.open(out)
 
 

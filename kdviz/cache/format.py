@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from kdviz.data import TokenDataset, example_key
-from kdviz.files import changed_file, expand
+from kdviz.files import changed_file, expand, seal_problem
 from kdviz.maths.topk import TopKRows
 from kdviz.models.hashing import tokenizer_fingerprint
 
@@ -92,6 +92,9 @@ class TeacherCache:
         if not (folder / "meta.json").is_file():
             raise ValueError(f"{folder} is not a teacher cache (no meta.json); make one with `kdviz teacher-cache "
                              "--teacher T --data D --out DIR`.")
+        sealed = seal_problem(folder / "meta.json")
+        if sealed:
+            raise ValueError(f"The teacher cache {folder} is damaged: {sealed}. Make it again with `kdviz teacher-cache`.")
         try:
             meta = json.loads((folder / "meta.json").read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -32,6 +32,11 @@ def run(args) -> None:
     check_count(args.top_k, "top_k", minimum=1)
     check_temperature(args.temperature)
     check_distinct({"--data": data_path(args.data), "--out": args.out})
+    data = data_path(args.data)
+    if data and Path(data).expanduser().is_dir() and Path(args.out).expanduser().resolve().is_relative_to(
+            Path(data).expanduser().resolve()):
+        raise ValueError(f"--out {args.out} is inside the --data folder {data}: the cache's files would be read as "
+                         "data next time. Put the cache outside the data folder.")
     if Path(args.out).exists():
         raise ValueError(f"--out {args.out} exists; give a new folder (a cache is written whole, never over another).")
     check_writable(Path(args.out).parent, what="folder for --out", folder=True)

@@ -217,9 +217,21 @@ def make_records(raw: list[tuple[str, object]], fields: Fields) -> list[Record]:
     return records
 
 
+# Files that mark a folder kdviz wrote (a teacher cache, a distill run or checkpoint, a converted model): not data.
+ARTEFACT_MARKS = {"ids.npy": "a kdviz teacher cache", "kdviz_checkpoint.json": "a kdviz distill checkpoint",
+                  "trainer_state.json": "a training checkpoint", "model.safetensors": "a model",
+                  "tokenizer_config.json": "a model or tokenizer"}
+
+
 def _folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(record files, text files) under `folder`, sorted; ValueError when it holds both or neither."""
+    """(record files, text files) under `folder`, sorted; ValueError when it holds both or neither, or holds a
+    folder kdviz wrote (a teacher cache, a run, a model), whose .json files are not records."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    artefact = next((p for p in files if p.name in ARTEFACT_MARKS), None)
+    if artefact is not None:
+        raise ValueError(f"Folder {folder} holds {ARTEFACT_MARKS[artefact.name]} ({artefact.parent}), which is not "
+                         "data: its .json files would be read as records. Move it out of the data folder, or point "
+                         "--data at the data files themselves.")
     records = [p for p in files if p.suffix in RECORD_SUFFIXES]
     texts = [p for p in files if p.suffix in TEXT_SUFFIXES]
     if records and texts:

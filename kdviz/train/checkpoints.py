@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from kdviz.data import TokenDataset
-from kdviz.files import TEMP_MARK, changed_file, expand, file_checksums, write_text
+from kdviz.files import TEMP_MARK, changed_file, expand, file_checksums, seal, seal_problem, write_text
 from kdviz.train.config import DistillConfig, run_settings
 
 CHECKPOINT_MARK = "kdviz_checkpoint.json"  # written last: a checkpoint folder with it is complete
@@ -95,7 +95,7 @@ def resume_point(out_dir: str | Path | None, resume: bool | str, args: DistillCo
 def check_checkpoint(path: Path, args: DistillConfig) -> None:
     """ValueError when checkpoint `path` is damaged or was written with other settings than `args`."""
     saved, now = _read_json(path / CHECKPOINT_MARK, "checkpoint mark"), run_settings(args)
-    problem = changed_file(path, saved.get("files", {}), since="it was written")
+    problem = seal_problem(path / CHECKPOINT_MARK) or changed_file(path, saved.get("files", {}), since="it was written")
     if problem:
         earlier = [p.name for p in checkpoints(path.parent) if p != path]
         raise ValueError(f"The checkpoint {path} is damaged: {problem}. Delete {path} and resume "
@@ -152,3 +152,4 @@ def write_mark(folder: Path, args: DistillConfig, inputs: dict | None) -> None:
                            if path.is_file() and path.name != CHECKPOINT_MARK and TEMP_MARK not in path.name)
     mark = {**run_settings(args), "inputs": inputs, "files": files}
     write_text(folder / CHECKPOINT_MARK, json.dumps(mark, indent=2), what="checkpoint mark")
+    seal(folder / CHECKPOINT_MARK)
