@@ -20,9 +20,10 @@ import torch
 from conftest import tiny_gpt2
 
 HERE = Path(__file__).resolve()
-STEPS = 3
+STEPS = 4
 RECORDS = [{"prompt": f"def f{i}(a, b):\n" + "    # note\n" * (i % 4), "response": "    return a + b\n" * (1 + i % 2)}
-           for i in range(36)]  # different lengths: every micro-batch is padded differently
+           for i in range(29)]  # different lengths: every micro-batch is padded differently; 29 examples do not
+# divide into global batches of 8, and 4 steps run past the end of the first epoch
 SCENARIOS = {
     "fkl": {"loss": "fkl", "ce_weight": 0.5},
     "atkd": {"loss": "atkd", "loss_params": {"lam": 0.3}},

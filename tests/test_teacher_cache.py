@@ -164,6 +164,7 @@ def test_a_cache_whose_arrays_were_swapped_or_damaged_is_refused(caches, tmp_pat
         meta = json.loads((folder / "meta.json").read_text())
         del meta["checksums"]  # as a cache made before kdviz recorded them: the sampled checks still catch it
         (folder / "meta.json").write_text(json.dumps(meta))
+        (folder / "meta.json.xxh3").unlink()  # (nor sealed its meta.json)
         with pytest.raises(ValueError, match=f"is damaged: .*{message}"):
             TeacherCache.open(folder)
     flipped = tmp_path / "one-ulp"  # one value nudged by one ulp in place: still a log-probability,
@@ -180,6 +181,9 @@ def test_a_cache_whose_arrays_were_swapped_or_damaged_is_refused(caches, tmp_pat
     broken = tmp_path / "meta"
     shutil.copytree(caches[16].folder, broken)
     (broken / "meta.json").write_text('{"format": 2, "top_k"')
+    with pytest.raises(ValueError, match="damaged: meta.json has changed since it was written"):
+        TeacherCache.open(broken)
+    (broken / "meta.json.xxh3").unlink()  # (a cache made before meta.json was sealed)
     with pytest.raises(ValueError, match="meta.json cannot be read .*damaged"):
         TeacherCache.open(broken)
 

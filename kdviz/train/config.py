@@ -103,11 +103,16 @@ class DistillConfig(TrainingArguments):
 
 
 
+def global_batch(args: DistillConfig) -> int:
+    """Examples per optimizer step: processes x per-device batch x accumulation steps."""
+    return args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps
+
+
 def run_settings(args: DistillConfig) -> dict:
     """What decides a run's result (a resumed run must match them) and how its global batch is cut."""
     settings = {"loss": args.loss, "loss_params": args.kd_loss().params, "ce_weight": args.ce_weight,
                 "steps": args.max_steps, "learning_rate": args.learning_rate, "seed": args.seed,
-                "global_batch": args.world_size * args.per_device_train_batch_size * args.gradient_accumulation_steps,
+                "global_batch": global_batch(args),
                 "atkd_split": args.atkd_split, "keep_dropout": args.keep_dropout}
     if args.loss == "okd":
         settings.update(okd_base=args.okd_base, okd_rank=args.okd_rank, okd_pull=args.okd_pull,

@@ -231,7 +231,7 @@ def _settings(trainer: DistillTrainer, dataset: TokenDataset, checkpoint) -> dic
     args, run = trainer.args, run_settings(trainer.args)
     settings = {"loss_params": trainer.kd.params, "ce_weight": args.ce_weight,
                 "batch_size": args.per_device_train_batch_size, "learning_rate": args.learning_rate,
-                "seed": args.seed, "train_examples": len(trainer.train_dataset),
+                "seed": args.seed, "train_examples": len(trainer.train_examples),
                 "eval_examples": len(trainer.eval_dataset), "data": dataset.description, "template": dataset.template,
                 "fused_linear": trainer.use_linear, **run["layout"], "global_batch": run["global_batch"],
                 "atkd_split": args.atkd_split, "keep_dropout": args.keep_dropout,

@@ -42,7 +42,7 @@ from kdviz.models import head_is_linear
 from kdviz.pair import ModelPair
 from kdviz.teachers import CachedTeacher, LiveTeacher, Teacher, TeacherSide
 from kdviz.train.checkpoints import write_mark
-from kdviz.train.config import DistillConfig
+from kdviz.train.config import DistillConfig, global_batch
 from kdviz.train.evaluate import EvalResult, evaluate_student
 from kdviz.train.okd import OnlineTeacher, load_adapter, save_adapter
 
@@ -102,6 +102,29 @@ def scaled_split(split: TokenSplit, micro_batches: int) -> TokenSplit:
     return TokenSplit(split.threshold, split.n_hard * micro_batches, split.n_easy * micro_batches)
 
 
+class ExampleStream(torch.utils.data.Dataset):
+    """The training examples as one stream, epoch after epoch (each shuffled with the seed and its number), cut
+    to `length` items: read in order, optimizer step s takes items [s * G, (s + 1) * G) for a global batch of G.
+
+    With the whole stream read in order, how the global batch is cut (processes x batch x accumulation: the
+    Trainer's loader hands process p every P-th micro-batch) never changes which examples a step sees, for any
+    number of examples: no last batch of an epoch is short or padded with repeats.
+    """
+
+    def __init__(self, dataset, *, length: int, seed: int):
+        self.dataset, self.length, self.seed, self._orders = dataset, length, seed, {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        epoch, position = divmod(index, len(self.dataset))
+        if epoch not in self._orders:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._orders[epoch] = torch.randperm(len(self.dataset), generator=generator).tolist()
+        return self.dataset[self._orders[epoch][position]]
+
+
 def batch_dict(examples, pad: int) -> dict[str, Tensor]:
     """The Trainer's batch: padded ids, mask, labels, and each example's key (finds its rows in a teacher cache)."""
     batch = collate(examples, pad_id=pad)
@@ -137,6 +160,10 @@ class DistillTrainer(Trainer):
                              "source=<a kdviz.teachers.Teacher>.")
         pad = pad_id(tokenizer)
         kwargs.setdefault("data_collator", lambda examples: batch_dict(examples, pad))
+        config, self.train_examples = kwargs["args"], kwargs.get("train_dataset")
+        if kwargs.get("train_dataset") is not None and config.max_steps > 0:  # a stream of exactly the steps' batches
+            kwargs["train_dataset"] = ExampleStream(kwargs["train_dataset"], length=config.max_steps * global_batch(config),
+                                                    seed=config.seed)
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = True  # each micro-batch's loss is already its share of the global batch
@@ -156,10 +183,15 @@ class DistillTrainer(Trainer):
         self._sums: dict[str, float] = {}  # logged parts summed over the micro-batches since the last log
         self._steps = 0  # optimizer steps (windows) since the last log
 
+    def _get_train_sampler(self, *args, **kwargs):
+        if isinstance(self.train_dataset, ExampleStream):  # already shuffled, epoch by epoch: read it in order
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+        return super()._get_train_sampler(*args, **kwargs)
+
     def _online(self, source: Teacher):
         """(the teacher as the loss sees it, OKD's adapter or None); checks that the data fits a cached teacher."""
-        if self.train_dataset is not None:
-            source.check_data(self.train_dataset, self.processing_class, temperature=self.kd.params["temperature"])
+        if self.train_examples is not None:
+            source.check_data(self.train_examples, self.processing_class, temperature=self.kd.params["temperature"])
         if self.args.loss != "okd":
             return source, None
         if source.module is None:
