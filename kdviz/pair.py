@@ -160,6 +160,9 @@ def load_pair(
         raise ValueError("Give the teacher as a model (teacher=, CLI --teacher) or as a top-k cache (teacher_cache=, "
                          "CLI --teacher-cache), one of them.")
     device = resolve_device(device)
+    if dtype is not None and not isinstance(dtype, torch.dtype) or dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch.dtype (torch.float32, torch.bfloat16, torch.float16), got "
+                         f"{dtype!r}.")
     dtype = dtype or default_dtype(device)
     if teacher_cache is not None:
         source = CachedTeacher(TeacherCache.open(teacher_cache))  # checked before the student loads

@@ -784,3 +784,13 @@ def test_loaders_say_what_they_expected(pair, tmp_path):
         TeacherCache.open(cache.folder)
     with pytest.raises(ValueError, match="is not a teacher cache \\(no meta.json\\)"):
         TeacherCache.open(tmp_path)
+
+
+def test_api_arguments_are_range_checked_where_they_are_read(pair):
+    from kdviz.cache import build
+
+    data = load_data(RECORDS, pair.tokenizer, max_length=64)
+    with pytest.raises(ValueError, match="dtype must be a floating torch.dtype .* got 'bf16'"):
+        load_pair("zoo:teacher-s", "zoo:student", dtype="bf16")
+    with pytest.raises(ValueError, match="batch_tokens must be an integer >= 1, got 0"):
+        build(pair.teacher, pair.tokenizer, data, "/nonexistent/never-made", batch_tokens=0)

@@ -26,6 +26,7 @@ def build(teacher, tokenizer, dataset: TokenDataset, out: str | os.PathLike, *, 
     `max_length`: the context `dataset` was tokenized for (recorded: a pair reading the cache
     tokenizes its data the same way)."""
     check_count(top_k, "top_k", minimum=1)
+    check_count(batch_tokens, "batch_tokens", minimum=1)
     check_temperature(temperature)
     vocab = len(tokenizer)
     if top_k > vocab:
