@@ -35,7 +35,8 @@ from kdviz.maths.chunked import (DEFAULT_CHUNK_ELEMENTS, ChunkedLinearLoss, Chun
                                  check_finite, chunk_token_loss)
 from kdviz.maths.logspace import tkd_dkd
 from kdviz.maths.objectives import OBJECTIVES, REDUCTIONS, Objective
-from kdviz.maths.split import TokenSplit, atkd_weights, hard_mask, teacher_uncertainty
+from kdviz.maths.modes import PRESETS, is_mode, parse_mode
+from kdviz.maths.split import TokenSplit, hard_mask, teacher_uncertainty
 from kdviz.maths.topk import TopKRows, bucketed, tail_log_prob
 
 __all__ = ["OBJECTIVES", "KDLoss", "LossParts", "Objective", "TokenSplit", "TopKRows", "bucketed", "get_loss",
@@ -79,6 +80,11 @@ class KDLoss:
     def objective(self) -> Objective:
         return OBJECTIVES[self.name]
 
+    @property
+    def ce_weight(self) -> float:
+        """The cross-entropy weight the objective itself asks for (a teaching mode's `W*ce` term), else 0."""
+        return parse_mode(self.params["spec"]).ce if self.name == "modes" else 0.0
+
     def _rows_and_weights(self, teacher: Tensor, y: Tensor, chunk: int, *, num_items: int | None = None,
                           split: TokenSplit | None = None,
                           teacher_unc: Tensor | None = None) -> tuple[Tensor | None, Tensor, Tensor | None]:
@@ -90,7 +96,7 @@ class KDLoss:
         if self.objective.self_normalised:
             if teacher_unc is None:
                 teacher_unc = teacher_uncertainty(teacher, y, self.params["temperature"], chunk)
-            rows = atkd_weights(teacher_unc, self.params, split=split)
+            rows = self.objective.row_weights(teacher_unc, self.params, split=split)
             return rows, torch.ones(len(y), device=teacher.device), teacher_unc
         scale = 1.0 / max(1, num_items or len(y)) if self.reduction == "mean" else 1.0
         return None, torch.full((len(y),), scale, device=teacher.device), teacher_unc
@@ -255,12 +261,16 @@ def get_loss(name: str, *, reduction: str = "mean", fused: bool = True, ignore_i
              chunk_rows: int | None = None, **params) -> KDLoss:
     """The objective `name` with its parameters; see `OBJECTIVES` for names and defaults.
 
-    reduction: "mean" over valid tokens ("atkd" always uses its own group means), "sum", or
-    "none" for per-token contributions [B, T] (0 at ignored positions).
+    reduction: "mean" over valid tokens ("atkd" and teaching modes use their own group means), "sum",
+    or "none" for per-token contributions [B, T] (0 at ignored positions). `name` may spell a
+    teaching mode (`kdviz.maths.modes`: "0.2*easy:dkd + 0.8*hard:tkd+dkd", "kd-on-hard", ...).
     """
+    if is_mode(name):
+        name, params = "modes", {**params, "spec": parse_mode(name).spec}
     if not isinstance(name, str) or name not in OBJECTIVES:
-        listed = ", ".join(f"{n} ({o.doc})" for n, o in OBJECTIVES.items())
-        raise ValueError(f"Unknown loss {name!r}. Available: {listed}.")
+        listed = ", ".join(f"{n} ({o.doc})" for n, o in OBJECTIVES.items() if n != "modes")
+        raise ValueError(f"Unknown loss {name!r}. Available: {listed}; or a teaching mode such as '0.2*easy:dkd + "
+                         f"0.8*hard:tkd+dkd' or one of {', '.join(PRESETS)}.")
     objective = OBJECTIVES[name]
     unknown = sorted(set(params) - set(objective.defaults))
     if unknown:

@@ -29,6 +29,7 @@ SCENARIOS = {
     "atkd": {"loss": "atkd", "loss_params": {"lam": 0.3}},
     "okd": {"loss": "okd", "okd_base": "atkd", "okd_rank": 2},
     "atkd-micro-batch": {"loss": "atkd", "loss_params": {"lam": 0.3}, "atkd_split": "micro_batch"},
+    "mode": {"loss": "0.5*ce + hard:kl + 0.3*easy:u*dkd"},  # a teaching mode, with a cross-entropy term
 }
 LAYOUTS = {"1x8": (8, 1), "1x4x2": (4, 2), "2x4": (4, 1), "2x2x2": (2, 2)}  # processes x batch x accumulation
 LOGGED = ("loss", "kd", "kd_hard", "kd_easy", "ce", "unc")
@@ -97,7 +98,7 @@ def layout_runs(model_dirs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", ["1x4x2", "2x4", "2x2x2"])
-@pytest.mark.parametrize("name", ["fkl", "atkd", "okd"])
+@pytest.mark.parametrize("name", ["fkl", "atkd", "okd", "mode"])
 def test_processes_and_accumulation_give_the_one_process_student(layout_runs, name, layout):
     reference, ours = layout_runs(name, "1x8"), layout_runs(name, layout)
     initial = reference["initial"]

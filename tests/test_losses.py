@@ -132,7 +132,7 @@ def test_bad_inputs():
 
 
 def test_every_registered_objective_is_tested():
-    assert set(OBJECTIVES) == set(PARAMS) | {"atkd"}
+    assert set(OBJECTIVES) == set(PARAMS) | {"atkd", "modes"}  # (teaching modes: tests/test_modes.py)
 
 
 def make_hidden(batch=3, seq=7, vocab=41, h_student=5, h_teacher=9, seed=0):

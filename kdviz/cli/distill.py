@@ -16,7 +16,10 @@ def add_parser(commands) -> None:
     distill = command(commands, "distill", "fine-tune the student from the teacher with a KD objective")
     add_pair_options(distill, student_help="student model to fine-tune (same tokenizer)", cache=True)
     distill.add_argument("--out", required=True, help="folder for the fine-tuned student (HF format) and metrics.json")
-    distill.add_argument("--loss", default="atkd", help=f"{', '.join(LOSSES)} (default atkd)")
+    distill.add_argument("--loss", default="atkd", help=f"{', '.join(LOSSES)} (default atkd), or a teaching mode: token sets all/hard/easy x parts "
+                              "tkd/dkd/u*dkd/kl, weighted and summed, e.g. \"0.2*easy:dkd + 0.8*hard:tkd+dkd\" (= atkd), "
+                              "\"hard:kl\", \"0.5*ce + all:kl\", or a named ablation: kd-on-hard, kd-on-easy, "
+                              "tkd-alone, dkd-alone, tkd-on-easy, tkd-on-hard")
     distill.add_argument("--steps", type=int, default=300, help="optimizer steps (default 300)")
     distill.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                          help="objective parameter, repeatable: --param lam=0.2 --param k=0.5 --param base=rkl")

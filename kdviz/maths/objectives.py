@@ -12,6 +12,8 @@ from typing import Callable
 
 from kdviz.checks import MAX_TEMPERATURE, MIN_TEMPERATURE, is_real
 from kdviz.maths.logspace import kl, log_mixture, tkd_dkd
+from kdviz.maths.modes import mode_weights, parse_mode
+from kdviz.maths.split import atkd_weights
 
 
 def fkl(log_q, log_p, y, rows, params):
@@ -63,6 +65,11 @@ def atkd(log_q, log_p, y, rows, params):
     return rows[:, 0] * tkd + rows[:, 1] * diversity
 
 
+def teaching_mode(log_q, log_p, y, rows, params):
+    """A teaching mode's token contribution: rows[:, 0] * TKD + rows[:, 1] * DKD (weights from `mode_weights`)."""
+    tkd, diversity = tkd_dkd(log_p, log_q, y)
+    return rows[:, 0] * tkd + rows[:, 1] * diversity
+
 
 @dataclass(frozen=True)
 class Objective:
@@ -70,7 +77,12 @@ class Objective:
     defaults: dict
     doc: str
     checks: dict = field(default_factory=dict)  # param -> (predicate, allowed text)
-    self_normalised: bool = False  # token losses already carry 1/group-size weights
+    row_weights: Callable | None = None  # (u, params, split=) -> [N, 2] per-token weights on (TKD, DKD)
+
+    @property
+    def self_normalised(self) -> bool:
+        """Whether the token losses carry their own 1/group-size weights (ATKD, teaching modes)."""
+        return self.row_weights is not None
 
 
 def _number(predicate: Callable[[float], bool], allowed: str) -> tuple[Callable[[object], bool], str]:
@@ -102,6 +114,16 @@ OBJECTIVES: dict[str, Objective] = {
                       "ATKD: lam*mean_easy(DKD) + (1-lam)*mean_hard(TKD+DKD)",
                       {"lam": _UNIT, "k": _number(lambda v: 0 < v <= 1, "a number in (0, 1]"),
                        "base": (lambda v: v in ("fkl", "rkl"), "'fkl' or 'rkl'"), "temperature": _TEMPERATURE},
-                      self_normalised=True),
+                      row_weights=atkd_weights),
+    "modes": Objective(teaching_mode, {"spec": "all:kl", "k": 0.5, "temperature": 1.0},
+                       "a teaching mode: token sets (all, hard, easy) x parts (tkd, dkd, u*dkd, kl), see kdviz.maths.modes",
+                       {"spec": (lambda v: isinstance(v, str) and _parses(v), "a teaching mode, e.g. 'hard:kl'"),
+                        "k": _number(lambda v: 0 < v <= 1, "a number in (0, 1]"), "temperature": _TEMPERATURE},
+                       row_weights=mode_weights),
 }
+
+
+def _parses(spec: str) -> bool:
+    parse_mode(spec)  # ValueError saying what is wrong
+    return True
 REDUCTIONS = ("mean", "sum", "none")

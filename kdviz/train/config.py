@@ -8,8 +8,9 @@ from transformers import TrainingArguments
 
 from kdviz.checks import check_choice, check_count, check_fraction, check_non_negative, check_positive
 from kdviz.losses import OBJECTIVES, get_loss
+from kdviz.maths.modes import PRESETS, is_mode
 
-LOSSES = (*OBJECTIVES, "okd")
+LOSSES = (*(name for name in OBJECTIVES if name != "modes"), "okd")
 ATKD_SPLITS = ("global", "micro_batch")
 
 
@@ -54,8 +55,9 @@ class DistillConfig(TrainingArguments):
                 "costs a graph traversal per step. Turn it on for a student whose forward leaves parameters out."})
 
     def __post_init__(self):
-        if self.loss not in LOSSES:
-            raise ValueError(f"Unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}.")
+        if self.loss not in LOSSES and not is_mode(self.loss):
+            raise ValueError(f"Unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}, or a teaching mode such "
+                             f"as '0.2*easy:dkd + 0.8*hard:tkd+dkd' or one of {', '.join(PRESETS)}.")
         self._check_ranges()
         try:
             self.kd_loss()  # validates loss_params (ValueError naming what is allowed)

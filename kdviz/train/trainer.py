@@ -277,7 +277,8 @@ class DistillTrainer(Trainer):
                                "call it with the micro-batches in the order get_batch_samples returned them.")
         with self._at_step():
             parts = self.source.loss(self.kd, model, prepared.side, inputs, linear=self.use_linear,
-                                      ce_weight=self.args.ce_weight, num_items=window.num_items, split=prepared.split)
+                                     ce_weight=self.args.ce_weight + self.kd.ce_weight, num_items=window.num_items,
+                                     split=prepared.split)
         if not torch.isfinite(parts.kd) or not torch.isfinite(parts.ce):
             raise ValueError(f"Step {self.state.global_step}: " + (self._diverged() or (
                 f"the loss is not finite (kd={float(parts.kd)}, ce={float(parts.ce)}). Check the teacher's outputs for "
