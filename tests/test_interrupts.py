@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 
+import polars as pl
 import pytest
 from safetensors.torch import load_file
 
@@ -49,7 +50,7 @@ elif point == "saving":
     run.DistillResult.save = counted(run.DistillResult.save, 1)
 distill(teacher, student, data, loss="atkd", steps=6, save_steps=2, batch_size=4, eval_size=4, device="cpu",
         progress=False, out_dir=out, resume_from_checkpoint=resume == "resume" or None, eval_generate_examples=1,
-        eval_generate_tokens=4, learning_rate=1e-2)
+        eval_generate_tokens=4, learning_rate=1e-2, probe_every=2)
 """
 POINTS = ["before-checkpoint", "during-checkpoint", "after-checkpoint", "final-evaluation", "saving"]
 
@@ -72,7 +73,7 @@ def uninterrupted(model_dirs, data, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
     done = run_child("none", model_dirs, data, out)
     assert done.returncode == 0, done.stderr
-    return load_file(out / "model.safetensors")
+    return load_file(out / "model.safetensors"), pl.read_parquet(out / "trajectory.parquet")
 
 
 @pytest.mark.parametrize("point", POINTS)
@@ -89,10 +90,12 @@ def test_a_run_killed_at_any_point_is_finished_by_resume_or_a_plain_rerun(point,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert not metrics["interrupted"] and metrics["steps_done"] == 6 and metrics["after"] is not None
-    finished = load_file(out / "model.safetensors")
-    assert finished.keys() == uninterrupted.keys()
-    for name, tensor in uninterrupted.items():
+    finished, weights = load_file(out / "model.safetensors"), uninterrupted[0]
+    assert finished.keys() == weights.keys()
+    for name, tensor in weights.items():
         assert finished[name].equal(tensor), f"{name} differs from the uninterrupted run's after {point}"
+    trajectory = pl.read_parquet(out / "trajectory.parquet")  # the probes: the steps done, then the resumed ones
+    assert trajectory.equals(uninterrupted[1]), f"the trajectory differs from the uninterrupted run's after {point}"
     again = run_child("none", model_dirs, data, out, resume=True)
     assert again.returncode != 0 and "already finished its 6 steps" in again.stderr
 

@@ -347,3 +347,27 @@ def test_distill_takes_warmup_steps_from_the_caller(tokenizer, model_dirs, tmp_p
     result = distill(model_dirs["teacher"], model_dirs["student"], RECORDS, loss="fkl", steps=2, batch_size=4,
                      eval_size=2, device="cpu", progress=False, warmup_steps=2, eval_generate_examples=0)
     assert result.steps_done == 2
+
+
+def test_the_trainer_hooks_kdviz_overrides_are_still_there():
+    """kdviz overrides private Trainer hooks (kdviz.train.trainer's module doc names the versions): fail loudly
+    when transformers renames one or changes its parameters, instead of training a different student."""
+    import inspect
+
+    from transformers import Trainer
+
+    from kdviz.train.trainer import UNDO_GA_DIVISION
+
+    expected = {"get_batch_samples": ["epoch_iterator", "num_batches", "device"],
+                "compute_loss": ["model", "inputs", "return_outputs", "num_items_in_batch"],
+                "training_step": ["model", "inputs", "num_items_in_batch"], "create_optimizer": ["model"],
+                "log": ["logs", "start_time"], "_save_checkpoint": ["model", "trial"],
+                "_load_from_checkpoint": ["resume_from_checkpoint", "model"],
+                "_issue_warnings_after_load": ["load_result"], "_get_train_sampler": ["train_dataset"]}
+    for name, parameters in expected.items():
+        found = list(inspect.signature(getattr(Trainer, name)).parameters)[1:]
+        assert found == parameters, f"Trainer.{name}{tuple(found)}: kdviz was written for {tuple(parameters)}"
+    if UNDO_GA_DIVISION:  # before transformers 5.19: the loss is divided by this many micro-batches
+        assert "current_gradient_accumulation_steps" in inspect.getsource(Trainer.training_step)
+    else:
+        assert "loss_is_scaled_for_ga" in inspect.getsource(Trainer.training_step)

@@ -41,6 +41,11 @@ def add_parser(commands) -> None:
                          help="write a checkpoint into --out every N steps (default: only when interrupted)")
     distill.add_argument("--resume", action="store_true",
                          help="continue the latest checkpoint in --out (same settings; Ctrl-C saves one)")
+    distill.add_argument("--probe-every", type=int, default=None, metavar="N",
+                         help="analyse the student on a probe set at step 0, every N steps and at the end: "
+                              "trajectory.parquet in --out, what the run did to each token (see `kdviz compare`)")
+    distill.add_argument("--probe-data", default=None,
+                         help="the probe set (default: the held-out examples); read with the same data options")
     add_data_options(distill)
     distill.add_argument("--device", default=None, help="cpu or cuda")
 
@@ -56,7 +61,8 @@ def run(args) -> None:
                      ce_weight=args.ce_weight, template=args.template, truncate=args.truncate,
                      gradient_accumulation_steps=args.grad_accum, atkd_split=args.atkd_split,
                      keep_dropout=args.keep_dropout, save_steps=args.save_steps,
-                     resume_from_checkpoint=args.resume or None, **fields(args))
+                     resume_from_checkpoint=args.resume or None, probe_every=args.probe_every,
+                     probe_data=args.probe_data, **fields(args))
     if not distributed.world().is_main:
         if result.interrupted:
             raise SystemExit(130)
@@ -74,6 +80,9 @@ def run(args) -> None:
     print(f"{'':8}{'eval loss':>10}{'agreement':>11}{'ROUGE-L':>9}")
     for name, r in (("before", result.before), ("after", result.after)):
         print(f"{name:8}{r.loss:>10.3f}{r.agreement:>11.3f}{rouge[name]:>9}")
+    if result.probe_seconds is not None:
+        print(f"Probes: {Path(args.out).resolve() / 'trajectory.parquet'} ({result.probe_seconds:.0f} s, "
+              f"{result.probe_seconds / max(result.train_seconds, 1e-9):.0%} of the training time)")
     print(f"\nStudent: {Path(args.out).resolve()}  Metrics: {Path(args.out).resolve() / 'metrics.json'}")
 
 

@@ -13,7 +13,7 @@ from kdviz.train.config import DistillConfig, run_settings
 
 CHECKPOINT_MARK = "kdviz_checkpoint.json"  # written last: a checkpoint folder with it is complete
 EVAL_BEFORE = "eval_before.json"  # the evaluation before training, reused when a run resumes
-LEFT_BY_A_START = (EVAL_BEFORE, ".kdviz-lock")  # what a run that stopped before its first checkpoint leaves
+LEFT_BY_A_START = (EVAL_BEFORE, ".kdviz-lock", "trajectory.parquet")  # what a run stopped before a checkpoint leaves
 
 
 def checkpoints(out_dir: str | Path) -> list[Path]:

@@ -7,14 +7,15 @@ import shutil
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import polars as pl
 import torch
 from transformers import PrinterCallback
 
 from kdviz.checks import check_count
-from kdviz.data import TokenDataset, check_template, read_data, tokenize
+from kdviz.data import TokenDataset, check_template, load_data, read_data, tokenize
 from kdviz.distributed import barrier, broadcast, check_agree, world
 from kdviz.files import check_writable, expand, staged_folder, write_text, writer_lock
 from kdviz.models import resolve_device
@@ -23,6 +24,7 @@ from kdviz.train.checkpoints import (EVAL_BEFORE, check_fresh, check_inputs, che
                                      resume_point, run_inputs)
 from kdviz.train.config import DistillConfig, run_settings
 from kdviz.train.evaluate import EvalResult
+from kdviz.train.probes import TRAJECTORY, Probes
 from kdviz.train.signals import StopOnSignal
 from kdviz.train.trainer import DistillTrainer
 
@@ -59,6 +61,8 @@ class DistillResult:
     steps_done: int | None = None
     interrupted: bool = False
     checkpoint: str | None = None
+    probe_seconds: float | None = None  # time spent probing (None: no probes)
+    trajectory: pl.DataFrame | None = field(default=None, repr=False)  # the probes (also trajectory.parquet in out_dir)
 
     def row(self) -> dict:
         """One flat row for a comparison table."""
@@ -73,7 +77,8 @@ class DistillResult:
         return [entry for entry in self.history if "kd" in entry]
 
     def save(self, path: str | Path) -> Path:
-        return write_text(path, json.dumps(asdict(self), indent=2, default=str), what="run metrics")
+        record = {key: value for key, value in asdict(self).items() if key != "trajectory"}
+        return write_text(path, json.dumps(record, indent=2, default=str), what="run metrics")
 
 
 def eval_split_size(requested: int | None, available: int) -> int:
@@ -125,7 +130,8 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
             truncate: bool = False, prompt_field: str | None = None, response_field: str | None = None,
             context_field: str | None = None, save_steps: int | None = None,
             resume_from_checkpoint: bool | str | None = None, teacher_cache: str | Path | None = None,
-            max_length: int | None = None, **config) -> DistillResult:
+            max_length: int | None = None, probe_every: int | None = None, probe_data=None,
+            **config) -> DistillResult:
     """Distil `student` from `teacher` on `data` for `steps` steps and evaluate before and after.
 
     teacher/student: hub id, local folder, .gguf file or zoo name; data: anything
@@ -140,12 +146,14 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
     `resume_from_checkpoint`: True continues the latest checkpoint in `out_dir` (or give a
     checkpoint folder), with the evaluation before training stored at the start. `teacher_cache`:
     a folder made by `kdviz teacher-cache` (then `teacher` is None): the teacher is read from it
-    instead of run (see `kdviz.cache`).
+    instead of run (see `kdviz.cache`). `probe_every`: analyse the student on a probe set (the
+    held-out examples, or `probe_data`) at step 0, every N steps and at the end
+    (`kdviz.train.probes`; `result.trajectory`, and trajectory.parquet in `out_dir`).
     """
     check_count(steps, "steps", minimum=1)
     check_count(batch_size, "batch_size", minimum=1)
     check_template(template)
-    for name, value in (("eval_size", eval_size), ("save_steps", save_steps)):
+    for name, value in (("eval_size", eval_size), ("save_steps", save_steps), ("probe_every", probe_every)):
         if value is not None:
             check_count(value, name, minimum=1)
     device = resolve_device(device)
@@ -175,7 +183,12 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
             check_inputs(checkpoint, trainer.run_inputs)
         if not progress:
             trainer.remove_callback(PrinterCallback)  # quiet: the log history is in the result
+        probes = _probes(trainer, pair, evaluation, probe_data, probe_every, out_dir, limit=limit, template=template,
+                         max_length=max_length) if probe_every else None
         result = _train(trainer, pair, dataset, out_dir, checkpoint)
+        if probes is not None:
+            result.probe_seconds, result.trajectory = probes.seconds, probes.trajectory
+            result.settings.update(probe_every=probe_every, probe_data=probes.meta["probe_data"])
         if out_dir:
             pair.student.eval()
             save_run(trainer, result, out_dir)
@@ -191,6 +204,18 @@ def _start_point(out_dir, resume, args: DistillConfig):
     if out_dir is not None:
         check_fresh(out_dir)
     return None
+
+
+def _probes(trainer: DistillTrainer, pair: ModelPair, evaluation: TokenDataset, probe_data, every: int, out_dir, *,
+            limit, template: str, max_length) -> Probes:
+    """The probe callback, added to `trainer`: the held-out examples, or `probe_data` tokenized as the data is."""
+    dataset = evaluation if probe_data is None else load_data(probe_data, pair.tokenizer, limit=limit, template=template,
+                                                              max_length=pair.context(max_length))
+    description = "the held-out examples" if probe_data is None else dataset.description
+    probes = Probes(pair, dataset, every=every, path=expand(out_dir) / TRAJECTORY if out_dir else None,
+                    k=trainer.args.log_fraction, temperature=trainer.kd.params["temperature"], description=description)
+    trainer.add_callback(probes)
+    return probes
 
 
 def _config(output_dir: str, *, loss: str, steps: int, batch_size: int, learning_rate: float, seed: int,

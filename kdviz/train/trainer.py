@@ -13,7 +13,7 @@ by the global count, and ATKD's hard/easy threshold and group sizes are the glob
 (`atkd_split="global"`; `"micro_batch"` is the official code's per-micro-batch split). The
 student's dropout is off unless `keep_dropout`.
 
-Trainer hooks kdviz overrides (written against transformers 4.57 to 5.x; `tests/test_train.py`
+Trainer hooks kdviz overrides (written against transformers 5.6 to 5.25; `tests/test_train.py`
 checks they are still there with these signatures): `get_batch_samples(epoch_iterator,
 num_batches, device)`, `compute_loss`, `training_step`, `create_optimizer`, `log`,
 `_save_checkpoint(model, trial)`, `_load_from_checkpoint(resume_from_checkpoint, model)`,
@@ -45,6 +45,11 @@ from kdviz.train.checkpoints import write_mark
 from kdviz.train.config import DistillConfig, global_batch
 from kdviz.train.evaluate import EvalResult, evaluate_student
 from kdviz.train.okd import OnlineTeacher, load_adapter, save_adapter
+
+
+# transformers < 5.19 has no Trainer.loss_is_scaled_for_ga: its training_step divides the loss by the step's number of
+# micro-batches, which kdviz's loss already accounts for; compute_loss multiplies by that number to undo it.
+UNDO_GA_DIVISION = not hasattr(Trainer, "loss_is_scaled_for_ga")
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -269,7 +274,8 @@ class DistillTrainer(Trainer):
         self._steps += 1
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not self._pending:  # called outside the training loop: this batch alone is the global batch
+        in_loop = bool(self._pending)  # prepared by get_batch_samples: called by the Trainer's training_step
+        if not in_loop:  # called outside the training loop: this batch alone is the global batch
             self._prepare_window([inputs])
         prepared, window = self._pending.popleft(), self._window
         if not torch.equal(prepared.input_ids, inputs["input_ids"]):
@@ -287,6 +293,8 @@ class DistillTrainer(Trainer):
         self._record(kd=float(parts.kd), kd_hard=hard, kd_easy=easy, ce=float(parts.ce),
                      unc=float(parts.unc.sum()) / window.num_items, **parts.logs)
         loss = parts.loss * window.world  # DDP averages the processes' gradients
+        if UNDO_GA_DIVISION and in_loop:
+            loss = loss * self.current_gradient_accumulation_steps
         return (loss, None) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
