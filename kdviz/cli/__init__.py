@@ -1,4 +1,4 @@
-"""`kdviz` command line: analyze, teacher-cache, distill, demo, notebooks, zoo. One module per command."""
+"""`kdviz` command line: analyze, teacher-cache, distill, compare, demo, notebooks, zoo. One module per command."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import signal
 import sys
 import warnings
 
-from kdviz.cli import analyze, cache, demo, distill, zoo
+from kdviz.cli import analyze, cache, compare, demo, distill, zoo
 from kdviz.cli.options import EPILOG
 from kdviz.distributed import SharedError, is_peer_failure, world
 from kdviz.files import KdvizWarning
@@ -25,12 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_parser(commands)
     demo.add_parsers(commands)
     distill.add_parser(commands)
+    compare.add_parser(commands)
     zoo.add_parser(commands)
     return parser
 
 
 HANDLERS = {"analyze": analyze.run, "teacher-cache": cache.run, "demo": demo.run_demo, "notebooks": demo.run_notebooks,
-            "distill": distill.run, "zoo": zoo.run}
+            "distill": distill.run, "compare": compare.run, "zoo": zoo.run}
 
 
 def _raise_interrupt(signum, frame):

@@ -2,11 +2,12 @@
 
 from kdviz.widgets.inspector import TokenInspector
 from kdviz.widgets.launcher import DistillLauncher, LiveCurves
+from kdviz.widgets.runs import RunComparison
 from kdviz.widgets.strip import TokenStrip
 from kdviz.widgets.tables import html_table
 from kdviz.widgets.workshop import ToyKD
 
-__all__ = ["DistillLauncher", "LiveCurves", "TokenInspector", "TokenStrip", "ToyKD", "html_table", "setup_notebook"]
+__all__ = ["DistillLauncher", "LiveCurves", "RunComparison", "TokenInspector", "TokenStrip", "ToyKD", "html_table", "setup_notebook"]
 
 
 def setup_notebook() -> None:
