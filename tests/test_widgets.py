@@ -230,6 +230,8 @@ def test_launcher_controls_and_a_run_with_live_curves_and_progress(model_dirs, c
     assert launcher.results[0].settings["loss_params"]["lam"] == 0.4
     table = launcher.table()
     assert table["loss"].to_list() == ["atkd"] and "<table>" in launcher.table_view.value
+    assert launcher.comparison.runs == ["1_atkd"] and launcher.tokens_view.children  # the run, token by token
+    assert sorted(launcher.results[0].trajectory["step"].unique()) == [0, 1, 2, 3]  # probes every max(1, 3 // 5)
 
 
 def test_training_progress_shows_step_loss_and_time_left():

@@ -11,7 +11,9 @@ import polars as pl
 from transformers import TrainerCallback
 from transformers.utils import logging as hf_logging
 
+from kdviz.comparison import Comparison, compare
 from kdviz.train import LOSSES, DistillResult, distill
+from kdviz.widgets.runs import RunComparison
 from kdviz.widgets.style import WIDE
 from kdviz.widgets.tables import html_table
 
@@ -130,6 +132,7 @@ class DistillLauncher:
                                                   margin=dict(t=40, l=50, r=10, b=40)))
         self.table_view = w.HTML()
         self.table_view.add_class("kdviz-runs")
+        self.tokens_view = w.VBox()  # what the runs did to each probe token (kdviz.compare), after each run
         self.results: list[DistillResult] = []
         self.button.on_click(lambda _: self._run_from_button())
         self.loss.observe(lambda _: self._sync_controls(), "value")
@@ -153,7 +156,7 @@ class DistillLauncher:
         try:
             with no_loading_bars():
                 result = distill(s["teacher"], self.student, self.data, loss=s["loss"], steps=s["steps"],
-                                 limit=self.limit, loss_params=s["loss_params"],
+                                 limit=self.limit, loss_params=s["loss_params"], probe_every=max(1, s["steps"] // 5),
                                  callbacks=[LiveCurves(self.curves, label), self.progress], progress=False,
                                  **self.options)
         except Exception as error:
@@ -165,7 +168,13 @@ class DistillLauncher:
         self.progress.finish(f"{label} done: {s['steps']} steps in {result.train_seconds:.0f} s; "
                              f"held-out loss {result.before.loss:.3f} &rarr; {result.after.loss:.3f}")
         self.table_view.value = html_table(self.table())
+        self.comparison = self.compare()
+        self.tokens_view.children = [RunComparison(self.comparison).widget()]
         return result
+
+    def compare(self) -> Comparison:
+        """The runs launched so far, token by token on their probe set (the held-out examples)."""
+        return compare(*self.results, labels=[f"{i + 1} {r.loss}" for i, r in enumerate(self.results)])
 
     def _run_from_button(self) -> None:
         with self.log:  # anything printed or raised lands in the notebook, not in the Log Console
@@ -180,7 +189,7 @@ class DistillLauncher:
     def widget(self) -> w.Widget:
         controls = w.VBox([w.HBox([self.loss, self.teacher]), w.HBox([self.lam, self.k]), self.steps,
                            w.HBox([self.button, self.progress.bar, self.progress.text])])
-        return w.VBox([controls, self.curves, self.table_view, self.log])
+        return w.VBox([controls, self.curves, self.table_view, self.tokens_view, self.log])
 
     def _ipython_display_(self):
         from IPython.display import display
