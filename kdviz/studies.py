@@ -116,3 +116,74 @@ def teacher_size_conclusion(runs: pl.DataFrame) -> str:
         lines.append(f"ATKD beat plain KD (fkl) on held-out loss with {len(better)} of {len(wide)} teachers"
                      + (f" ({', '.join(better)})." if better else "."))
     return "\n".join(lines)
+
+
+ABLATIONS = ("fkl", "atkd", "kd-on-hard", "kd-on-easy", "tkd-alone", "dkd-alone", "tkd-on-easy", "tkd-on-hard")
+# The paper's three analyses, as (question, first mode, second mode, what the paper found).
+QUESTIONS = (
+    ("KD on hard tokens only vs on easy tokens only", "kd-on-hard", "kd-on-easy", "hard tokens matter more"),
+    ("TKD alone vs DKD alone (no u-weight)", "tkd-alone", "dkd-alone", "DKD contributes more"),
+    ("TKD on easy tokens vs on hard tokens", "tkd-on-easy", "tkd-on-hard",
+     "TKD on easy tokens over-fits (worse held-out); on hard tokens it helps"),
+)
+
+
+def teaching_mode_study(teacher: str, student: str, data, *, losses=ABLATIONS, seeds=(0, 1, 2), steps: int = 100,
+                        cache_dir: str | Path, top_k: int = 64, probe_every: int | None = None, callbacks=None,
+                        **distill_options) -> pl.DataFrame:
+    """The paper's teaching-mode ablations (plus fkl and atkd), distilled from a top-k cache of `teacher`, each
+    loss with each seed and the same budget; one row per run with the held-out metrics and the token outcomes
+    (mean change in KL of the hard and of the easy probe tokens, shares learned and made worse)."""
+    cache = teacher_cache_for(teacher, student, data, cache_dir, top_k=top_k, **distill_options)
+    rows = []
+    for seed in seeds:
+        for loss in losses:
+            result = distill(None, student, data, loss=loss, steps=steps, seed=seed, teacher_cache=cache,
+                             probe_every=probe_every or max(1, steps // 10), callbacks=callbacks, **distill_options)
+            rows.append({**result.row(), "seed": seed, **token_outcomes(result)})
+    return pl.DataFrame(rows)
+
+
+def token_outcomes(result) -> dict:
+    """A run's probe tokens: mean KL change on hard and easy tokens, shares learned and worse (see kdviz.compare)."""
+    from kdviz.comparison import compare
+
+    comparison = compare(result, labels=["run"])
+    summary = {row["group"]: row for row in comparison.summary().iter_rows(named=True)}
+    return {"kl_change_hard": summary["hard"]["change"], "kl_change_easy": summary["easy"]["change"],
+            "learned": summary["all"]["learned"], "worse": summary["all"]["worse"],
+            "probe_seconds": result.probe_seconds, "tolerance": comparison.tolerance}
+
+
+def study_table(runs: pl.DataFrame) -> pl.DataFrame:
+    """Mean and spread over seeds per loss, in the order the losses were run."""
+    metrics = ["eval_loss", "agreement", "rouge_l", "kl_change_hard", "kl_change_easy", "learned", "worse",
+               "train_seconds"]
+    return runs.group_by("loss", maintain_order=True).agg(
+        pl.len().alias("seeds"), *(pl.col(m).mean().alias(m) for m in metrics),
+        *(pl.col(m).std().alias(f"{m}_std") for m in ("eval_loss", "agreement")))
+
+
+def study_conclusion(runs: pl.DataFrame) -> str:
+    """What the numbers say about each of the paper's three questions, computed from `runs` (never written ahead):
+    which side has the lower held-out loss, by how much on average, and in how many seeds."""
+    lines = []
+    for question, first, second, paper in QUESTIONS:
+        a, b = (runs.filter(pl.col("loss") == name).sort("seed") for name in (first, second))
+        if a.is_empty() or b.is_empty():
+            continue
+        paired = a.select("seed", first=pl.col("eval_loss")).join(b.select("seed", second=pl.col("eval_loss")),
+                                                                    on="seed")
+        wins = int((paired["first"] < paired["second"]).sum())
+        gap = float((paired["second"] - paired["first"]).mean())
+        better = first if gap > 0 else second
+        lines.append(f"{question}: {better} gives the lower held-out loss by {abs(gap):.3f} nats on average "
+                     f"({first} lower in {wins} of {paired.height} seeds). The paper found: {paper}. "
+                     f"Token outcomes: mean KL change on hard / easy probe tokens {a['kl_change_hard'].mean():+.4f} / "
+                     f"{a['kl_change_easy'].mean():+.4f} ({first}) against {b['kl_change_hard'].mean():+.4f} / "
+                     f"{b['kl_change_easy'].mean():+.4f} ({second}).")
+    if {"fkl", "atkd"} <= set(runs["loss"]):
+        fkl, atkd = (runs.filter(pl.col("loss") == name)["eval_loss"].mean() for name in ("fkl", "atkd"))
+        lines.append(f"ATKD against plain KD (fkl): held-out loss {atkd:.3f} against {fkl:.3f} "
+                     f"({'ATKD' if atkd < fkl else 'fkl'} lower).")
+    return "\n".join(lines)
