@@ -326,6 +326,17 @@ def test_launcher_shows_progress_in_the_notebook_and_adds_a_row(page, lab, shots
     expect(rows.first).to_contain_text("atkd")
     page.screenshot(path=shots / "03_done.png")
 
+    # what the run did to each probe token: a strip coloured by the change in KL; a click plots its trajectory
+    tokens = page.locator(".kdviz-strip").last.locator("span[title]")
+    expect(tokens.first).to_be_visible(timeout=30_000)
+    assert re.search(r"KL [\d.]+ -> [\d.]+ \([+-][\d.]+, (learned|unchanged|worse)\)", tokens.nth(3).get_attribute("title"))
+    tokens.nth(3).click()
+    plot = page.locator(".js-plotly-plot").last
+    expect(plot.locator(".scatterlayer .trace")).to_have_count(3, timeout=30_000)  # KL, TKD, DKD of the run
+    expect(plot.locator(".gtitle")).to_contain_text("at position")
+    plot.scroll_into_view_if_needed()
+    page.screenshot(path=shots / "03_token_trajectory.png", full_page=True)
+
     seen = page.evaluate("window.kdvizSeen")
     widths = [width for width, _ in seen]
     assert any(0 < w < 100 for w in widths) and widths[-1] == 100, widths  # the bar moved, then filled

@@ -15,6 +15,7 @@ SMALL = {
     "04_teacher_size": {"teachers": ["zoo:teacher-s", "zoo:teacher-m"], "steps": 2, "limit": 24,
                         "cache_dir": "{out_dir}/caches"},
     "05_workshop": {"student_target": 0.2},
+    "06_ablations": {"teacher": "zoo:teacher-s", "steps": 2, "limit": 24, "losses": ["kd-on-hard", "kd-on-easy"]},
 }
 
 
@@ -68,10 +69,21 @@ def test_teaching_modes_notebook(tmp_path):
 
 
 def test_distill_notebook(tmp_path):
-    out, _ = run("03_distill", tmp_path)
+    out, nb = run("03_distill", tmp_path)
     runs = pl.read_parquet(out / "runs.parquet")
     assert runs["loss"].to_list() == ["fkl", "atkd"] and (runs["steps"] == 3).all()
     assert runs["eval_loss"].is_finite().all()
+    assert "Worst regressions: 2_atkd" in (out / "tokens_report.html").read_text()  # the runs, token by token
+    assert any("change in KL under 1_fkl" in html for html in static_html_outputs(nb))
+
+
+def test_ablations_notebook(tmp_path):
+    out, nb = run("06_ablations", tmp_path)
+    runs = pl.read_parquet(out / "runs.parquet")
+    assert runs["loss"].to_list() == ["kd-on-hard", "kd-on-easy"] and runs["kl_change_hard"].is_finite().all()
+    printed = "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []))
+    winner = runs.sort("eval_loss")["loss"][0]
+    assert f"{winner} gives the lower held-out loss" in printed  # the conclusion follows this run's numbers
 
 
 def test_teacher_size_notebook(tmp_path):
