@@ -331,9 +331,9 @@ def test_launcher_shows_progress_in_the_notebook_and_adds_a_row(page, lab, shots
     expect(tokens.first).to_be_visible(timeout=30_000)
     assert re.search(r"KL [\d.]+ -> [\d.]+ \([+-][\d.]+, (learned|unchanged|worse)\)", tokens.nth(3).get_attribute("title"))
     tokens.nth(3).click()
-    plot = page.locator(".js-plotly-plot").last
+    plot = page.locator(".js-plotly-plot", has=page.locator(".gtitle", has_text="at position"))
+    expect(plot).to_have_count(1, timeout=30_000)
     expect(plot.locator(".scatterlayer .trace")).to_have_count(3, timeout=30_000)  # KL, TKD, DKD of the run
-    expect(plot.locator(".gtitle")).to_contain_text("at position")
     plot.scroll_into_view_if_needed()
     page.screenshot(path=shots / "03_token_trajectory.png", full_page=True)
 
