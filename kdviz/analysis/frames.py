@@ -76,8 +76,10 @@ def part_frame(pair: ModelPair, dataset: TokenDataset, part: Part, s: Settings, 
         advance(sum(lengths[i] for i in batch))
     df = pl.concat(frames).sort("doc_id", "position")
     df = df.with_columns(pl.col(list(SCALAR_FIELDS)).cast(pl.Float32))
-    sources = {part.start + i: ex.source for i, ex in enumerate(examples)}
+    of = lambda field: {part.start + i: getattr(ex, field) for i, ex in enumerate(examples)}  # noqa: E731
     return texts.add_columns(df, s.top_k).with_columns(
-        source=pl.col("doc_id").replace_strict(sources, return_dtype=pl.String))
+        source=pl.col("doc_id").replace_strict(of("source"), return_dtype=pl.String),
+        response_from=pl.col("doc_id").replace_strict(of("origin"), return_dtype=pl.String),
+        sample=pl.col("doc_id").replace_strict(of("sample"), return_dtype=pl.Int32))
 
 

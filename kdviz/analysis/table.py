@@ -12,7 +12,7 @@ import polars as pl
 from kdviz.files import expand, write_with
 
 VISIBLE_WHITESPACE = str.maketrans({" ": "·", "\n": "↵", "\t": "→", "\r": "␍"})
-TABLE_FORMAT = 2  # bump when the columns change (part of the cache key)
+TABLE_FORMAT = 3  # bump when the columns change (part of the cache key); 3: response_from, sample
 META_KEY = "kdviz"
 TABLE_COLUMNS = {"doc_id", "position", "token_id", "is_response", "unc", "tkd", "dkd", "kl", "hard"}
 

@@ -33,6 +33,8 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     source: str  # where it came from, e.g. "train.jsonl:12" or "notes.txt#window3"
+    origin: str = "data"  # who wrote the response: "data", or "student" / "teacher" (generated)
+    sample: int = 0  # which of a prompt's generated samples
 
 
 @dataclass

@@ -103,3 +103,15 @@ def _chat(record: Record, user: str, tokenizer) -> Formatted:
                          "rewrites the messages, so kdviz cannot keep them as plain text; remove them from the data "
                          "or use template='alpaca' or 'plain'.")
     return Formatted((Segment(prompt, False),), (Segment(full[len(prompt):].rstrip("\n"), False),), False)
+
+
+def stop_ids(tokenizer, template: str) -> list[int]:
+    """Token ids that end a response under `template`: EOS, and for "chat" the template's end-of-turn token (the
+    first token the template writes after the assistant's text, e.g. <|im_end|>)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if template == "chat":
+        marked_prompt, marked_full = _render(tokenizer, *SENTINELS)
+        after = marked_full[len(marked_prompt):].partition(SENTINELS[1])[2]
+        closing = tokenizer(after, add_special_tokens=False)["input_ids"]
+        ids += closing[:1]
+    return sorted(set(ids))
