@@ -51,6 +51,7 @@ class Capture:
     keys: np.ndarray
     counts: np.ndarray
     parts: list[Part]
+    notes: Callable[[dict, int], list[str]] | None = None  # caveats in words from the parts' summed counts
 
     @classmethod
     def plan(cls, out, meta: dict, keys, counts, *, part_tokens: int) -> "Capture":
@@ -86,7 +87,7 @@ def work_folder(out) -> Path:
     return out.with_name(f"{out.name}.partial")
 
 
-Fill = Callable[[Part, dict, Callable[[int], object]], None]  # (part, its arrays to fill, progress(n))
+Fill = Callable[[Part, dict, Callable[[int], object]], "dict | None"]  # (part, its arrays, progress) -> counts
 
 
 def run_capture(capture: Capture, fill: Fill, *, progress: bool = True, what: str = "teacher cache") -> TeacherCache:
@@ -170,24 +171,25 @@ def part_done(work: Path, part: Part, key: str) -> bool:
     return (folder / "part.json").is_file()
 
 
-def write_part(capture: Capture, part: Part, fill: Callable[[dict], None]) -> None:
-    """Make one part: its arrays memory-mapped in a staging folder, filled, checksummed, renamed into place."""
+def write_part(capture: Capture, part: Part, fill: Callable[[dict], "dict | None"]) -> None:
+    """Make one part: its arrays memory-mapped in a staging folder, filled, checksummed, renamed into place (with
+    the counts `fill` returns, e.g. how many rows an import could only bound)."""
     name = part_name(part.start, part.end)
     with new_folder(capture.work / name, what=f"part {name} of the teacher cache") as stage:
         arrays = {array: np.lib.format.open_memmap(stage / f"{array}.npy", "w+", dtype, (part.rows, *shape))
                   for array, (dtype, shape) in capture.layout().items()}
-        fill(arrays)
+        counts = fill(arrays) or {}
         for array in arrays.values():
             array.flush()
         del arrays
-        record = {"key": capture.key, "start": part.start, "end": part.end, "rows": part.rows,
+        record = {"key": capture.key, "start": part.start, "end": part.end, "rows": part.rows, "counts": counts,
                   "checksums": file_checksums(sorted(stage.glob("*.npy")))}
         (stage / "part.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def finish(capture: Capture) -> None:
     """(Rank 0.) Write the index and meta.json (every file's checksum) into the parts' folder, seal it, rename it."""
-    work, checksums = capture.work, {}
+    work, checksums, counts = capture.work, {}, {}
     for part in capture.parts:
         name = part_name(part.start, part.end)
         problem = part_problem(work / name, part, capture.key) if (work / name).is_dir() else "it is missing"
@@ -196,12 +198,16 @@ def finish(capture: Capture) -> None:
                              "command again to make it.")
         record = json.loads((work / name / "part.json").read_text())
         checksums.update({f"{name}/{file}": digest for file, digest in record["checksums"].items()})
+        for key, value in (record.get("counts") or {}).items():
+            counts[key] = counts.get(key, 0) + value
     np.save(work / "offsets.npy", capture.offsets)
     np.save(work / "keys.npy", capture.keys)
     checksums = {**file_checksums([work / "offsets.npy", work / "keys.npy"]), **checksums}
     row_bytes = sum(dtype.itemsize * int(np.prod(shape)) for dtype, shape in capture.layout().values())
     meta = {**capture.meta, "parts": [{"start": p.start, "end": p.end, "rows": p.rows} for p in capture.parts],
             "bytes_per_token": row_bytes, "checksums": checksums}
+    if capture.notes is not None:
+        meta.update(counts=counts, caveats=capture.notes(counts, capture.meta["tokens"]))
     (work / "plan.json").unlink(missing_ok=True)
     (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     seal(work / "meta.json")  # the checksums cover the arrays; this covers meta.json itself
