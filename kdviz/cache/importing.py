@@ -206,9 +206,9 @@ class Importer:
 
     def positions(self, frame: pl.DataFrame, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
         """(where: [N, 3] example, position, index into the exploded positions; the target ids [N])."""
-        lengths = frame["input_ids"].list.len().fill_null(0).to_numpy()
+        lengths = frame["input_ids"].list.len().fill_null(0).to_numpy().astype(np.int64)
         for name in ("topk_ids", "topk_logprobs"):
-            other = frame[name].list.len().fill_null(-1).to_numpy()
+            other = frame[name].list.len().cast(pl.Int64).fill_null(-1).to_numpy()
             if (other != lengths).any():
                 i = int(np.nonzero(other != lengths)[0][0])
                 raise ValueError(f"{self.source.path}: row {start + i} has {lengths[i]} input_ids but {other[i]} "
@@ -229,12 +229,12 @@ class Importer:
         differ = np.nonzero(mine[:n] != theirs[:n])[0]
         if len(differ):
             j = int(differ[0])
-            raise ValueError(f"{self.source.path}: example {index} ({example.source}) is not the student's "
+            raise ValueError(f"{self.source.path}: row {index} (example {example.source}) is not the student's "
                              f"tokenization of the data: at position {j} the file has token {int(theirs[j])}, the data "
                              f"{int(mine[j])}. The file must hold the data's token ids as kdviz tokenizes them for "
                              "this student (same --data, --template, --limit and --max-length, in the same order).")
         if len(theirs) < len(mine):
-            raise ValueError(f"{self.source.path}: example {index} ({example.source}) has {len(theirs)} tokens in the "
+            raise ValueError(f"{self.source.path}: row {index} (example {example.source}) has {len(theirs)} tokens in the "
                              f"file, {len(mine)} in the data: the file's example is cut short (its context was "
                              "shorter?); make it from the same --max-length.")
 
@@ -245,7 +245,7 @@ class Importer:
         sizes = ids.list.len().fill_null(0).to_numpy()
         if (sizes < self.k).any():
             i = int(np.nonzero(sizes < self.k)[0][0])
-            raise ValueError(f"{self.source.path}: example {where[i, 0]}, position {where[i, 1]} has {sizes[i]} top-k "
+            raise ValueError(f"{self.source.path}: row {where[i, 0]}, position {where[i, 1]} has {sizes[i]} top-k "
                              f"entries, fewer than top_k={self.k}; give a smaller --top-k or a file with more.")
         logprobs = frame["topk_logprobs"].explode().gather(index).list.head(self.k).explode()
         given = (frame[TARGET_COLUMN].explode().gather(index).cast(pl.Float64).fill_null(math.nan).to_numpy()
@@ -256,7 +256,7 @@ class Importer:
     def describe(self, where: np.ndarray):
         def at(row: int) -> str:
             example = int(where[row, 0])
-            return (f"{self.source.path}: example {example} ({self.dataset[example].source}), position "
+            return (f"{self.source.path}: row {example} (example {self.dataset[example].source}), position "
                     f"{int(where[row, 1])}")
         return at
 
@@ -294,8 +294,8 @@ def derive(ids: np.ndarray, logprobs: np.ndarray, given: np.ndarray, targets: np
     tail = 1 - total - np.where(has, 0.0, np.exp(target))
     floored = (tail < TAIL_FLOOR) & ~full
     tail_logp = np.full(len(ids), -math.inf) if full else np.log(np.maximum(tail, TAIL_FLOOR))
-    rows = TopKRows(torch.from_numpy(ids), torch.from_numpy(logprobs).float(), torch.from_numpy(target).float(),
-                    torch.from_numpy(tail_logp).float())
+    rows = TopKRows(torch.tensor(ids), torch.tensor(logprobs).float(), torch.tensor(target).float(),
+                    torch.tensor(tail_logp).float())
     return rows, torch.from_numpy(hit), {"targets_bounded": int(bounded.sum()), "tails_floored": int(floored.sum())}
 
 
