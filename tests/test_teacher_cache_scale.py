@@ -254,6 +254,11 @@ def test_without_target_log_probs_the_cache_says_what_is_a_bound(pair, data, exa
     (caveat,) = cache.caveats
     assert f"{int(outside.sum())} of {len(outside)} target tokens are outside the top-k" in caveat
     assert "u is a lower bound and TKD, DKD and KL are inexact" in caveat
+    from kdviz.files import KdvizWarning
+
+    with pytest.warns(KdvizWarning, match="outside the top-k and the file gives no target log-prob"):
+        cached = load_pair(None, pair.student_name, teacher_cache=cache.folder, device="cpu")
+    assert cached.source.recorded()["cache_caveats"] == [caveat]
 
 
 @pytest.mark.parametrize("change,message", [
@@ -299,3 +304,38 @@ def test_the_cli_imports_log_probs_and_refuses_bad_input_without_a_traceback(pai
         main(["teacher-cache", "--teacher", str(model_dirs["teacher"]), "--from-logprobs", str(file), "--data",
               str(records), "--out", str(tmp_path / "f")])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_the_vllm_script_turns_prompt_logprobs_into_a_file_the_import_reads(pair, data, exact16, tmp_path):
+    """benchmarks/vllm_logprobs.py's conversion, fed what vLLM's prompt_logprobs holds: per token a dict id ->
+    Logprob(logprob, rank) with the top-k and the actual token (an extra entry when it ranks past k), unordered."""
+    import importlib.util
+    from collections import namedtuple
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "vllm_logprobs.py"
+    spec = importlib.util.spec_from_file_location("vllm_logprobs", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    Logprob = namedtuple("Logprob", "logprob rank decoded_token")
+    rows = []
+    for example in data:
+        ids = torch.tensor([example.input_ids])
+        with torch.no_grad():
+            log_p = torch.log_softmax(pair.teacher(ids).logits[0].float(), -1)
+        prompt_logprobs = [None]
+        for t in range(1, len(example.input_ids)):
+            ranks = torch.argsort(torch.argsort(log_p[t - 1], descending=True)) + 1
+            chosen = set(log_p[t - 1].topk(16).indices.tolist()) | {example.input_ids[t]}
+            prompt_logprobs.append({tid: Logprob(float(log_p[t - 1, tid]), int(ranks[tid]), None)
+                                    for tid in sorted(chosen, reverse=True)})
+        rows.append(script.example_row(example, prompt_logprobs, 16, {p + 1 for p in target_positions(example)}))
+    folder = tmp_path / "logprobs"
+    folder.mkdir()
+    script.write_rows(rows[:5], folder / "part-00000.parquet")
+    script.write_rows(rows[5:], folder / "part-00001.parquet")
+    imported = from_logprobs(folder, pair.tokenizer, data, tmp_path / "c", encoding="exact", progress=False)
+    native, mine = exact16.rows(list(range(len(data)))), imported.rows(list(range(len(data))))
+    assert torch.equal(native.ids, mine.ids) and imported.caveats == []
+    for name in ("logprobs", "target_logp", "tail_logp"):
+        torch.testing.assert_close(getattr(mine, name), getattr(native, name), rtol=1e-5, atol=1e-5)
