@@ -300,6 +300,15 @@ def test_the_cli_imports_log_probs_and_refuses_bad_input_without_a_traceback(pai
                  "--student", str(model_dirs["student"]), "--out", str(tmp_path / "e")]) == 2
     err = capsys.readouterr().err
     assert "lacks the column(s) topk_ids, topk_logprobs" in err and "Traceback" not in err
+    for value, message in ((7, "has 1 rows, the data 14 examples"), (7, "topk_ids holds int values, not lists"),
+                           ("ab", "topk_ids holds str values, not lists")):
+        rows = 1 if "rows" in message else 14
+        pl.DataFrame({"input_ids": [[1, 2]] * rows, "topk_ids": [value] * rows, "topk_logprobs": [[0.0]] * rows}
+                     ).write_parquet(tmp_path / "odd.parquet")
+        assert main(["teacher-cache", "--from-logprobs", str(tmp_path / "odd.parquet"), "--data", str(records),
+                     "--student", str(model_dirs["student"]), "--out", str(tmp_path / "e")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
     with pytest.raises(SystemExit):  # one source only (argparse)
         main(["teacher-cache", "--teacher", str(model_dirs["teacher"]), "--from-logprobs", str(file), "--data",
               str(records), "--out", str(tmp_path / "f")])

@@ -58,8 +58,11 @@ class LogprobFile:
         self.path = expand(path)
         self.files, self.kind = _logprob_files(self.path)
         if self.kind == "parquet":
-            scan = pl.scan_parquet(self.files)
-            self.columns, self.rows = scan.collect_schema().names(), int(scan.select(pl.len()).collect().item())
+            try:
+                scan = pl.scan_parquet(self.files)
+                self.columns, self.rows = scan.collect_schema().names(), int(scan.select(pl.len()).collect().item())
+            except (OSError, pl.exceptions.PolarsError) as err:
+                raise ValueError(f"{self.path} cannot be read as parquet ({type(err).__name__}: {err}).") from None
         else:
             self.dataset = _load_from_disk(self.path)
             self.columns, self.rows = list(self.dataset.column_names), self.dataset.num_rows
@@ -150,10 +153,14 @@ def _first_k(source: LogprobFile, dataset: TokenDataset) -> int:
     for start in range(0, len(dataset), 16):
         frame = source.read(start, min(start + 16, len(dataset)))
         for row, example in zip(frame.iter_rows(named=True), dataset.examples[start:start + 16]):
+            entries = row["topk_ids"]
+            if entries is not None and not (isinstance(entries, list) and all(
+                    e is None or isinstance(e, list) for e in entries)):
+                raise ValueError(f"{source.path}: topk_ids holds {type(entries).__name__} values, not lists (one list "
+                                 "of top-k token ids per position): see docs/teacher-cache.md for the layout.")
             for p in target_positions(example):
-                entries = (row["topk_ids"] or [])[p + 1:p + 2]
-                if entries and entries[0]:
-                    return len(entries[0])
+                if entries and p + 1 < len(entries) and entries[p + 1]:
+                    return len(entries[p + 1])
     raise ValueError(f"{source.path} holds no top-k entries at the data's target positions.")
 
 
@@ -198,9 +205,14 @@ class Importer:
 
     def rows(self, start: int, end: int) -> tuple[TopKRows, torch.Tensor, dict]:
         """The rows of examples [start, end): (TopKRows, the target's entry in each top-k, caveat counts)."""
-        frame = self.source.read(start, end)
-        where, targets = self.positions(frame, start, end)
-        ids, logprobs, given = self.entries(frame, where)
+        try:
+            frame = self.source.read(start, end)
+            where, targets = self.positions(frame, start, end)
+            ids, logprobs, given = self.entries(frame, where)
+        except (OSError, pl.exceptions.PolarsError) as err:
+            raise ValueError(f"{self.source.path}: rows {start}..{end - 1} do not have the layout of a log-probs file "
+                             f"(input_ids: list of ints, topk_ids: list of lists of ints, topk_logprobs: list of lists "
+                             f"of floats, target_logprobs: list of floats): {type(err).__name__}: {err}") from None
         check_rows(ids, logprobs, given, targets, self.vocab, self.describe(where))
         return derive(ids, logprobs, given, targets, full=self.k >= self.vocab)
 
