@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from kdviz.cache.format import TeacherCache
 from kdviz.data import IGNORE_INDEX, Batch, Example, TokenDataset, target_positions
+from kdviz.files import warn
 from kdviz.losses import KDLoss, LossParts, TokenSplit
 from kdviz.maths.decomposition import TokenStats, decompose, decompose_hidden, decompose_topk
 from kdviz.maths.topk import TopKRows
@@ -192,6 +193,8 @@ class CachedTeacher:
         self.vocab_size = cache.meta["vocab_size"]
         self.top_k = cache.top_k
         self.name = f"{cache.meta['teacher']} (top-{cache.top_k} cache {cache.folder})"
+        for caveat in cache.caveats:  # (a cache made from imported log-probs may hold bounds, not values)
+            warn(f"The teacher cache {cache.folder}: {caveat}.")
 
     @property
     def fingerprint(self) -> str:
@@ -211,7 +214,8 @@ class CachedTeacher:
         self.cache.check(dataset, tokenizer, temperature=temperature)
 
     def recorded(self) -> dict:
-        return {"teacher_cache": str(self.cache.folder), "cache_top_k": self.top_k}
+        return {"teacher_cache": str(self.cache.folder), "cache_top_k": self.top_k, "cache_encoding": self.cache.encoding,
+                **({"cache_caveats": self.cache.caveats} if self.cache.caveats else {})}
 
     def linear_with(self, student: nn.Module) -> bool:
         return head_is_linear(student, _probe(self.vocab_size, _device(student)), last_hidden)

@@ -49,7 +49,7 @@ def live_logits(pair, data, tmp_path, temperature):
 
 def cached_full_vocabulary(pair, data, tmp_path, temperature):
     folder = tmp_path / f"cache-{temperature}"
-    build(pair.teacher, pair.tokenizer, data, folder, top_k=len(pair.tokenizer), temperature=temperature,
+    build(pair.teacher, pair.tokenizer, data, folder, top_k=len(pair.tokenizer), temperature=temperature, encoding="exact",
           teacher_name="tiny", max_length=64, progress=False)
     cached = load_pair(None, pair.student_name, teacher_cache=folder, device="cpu")
     return analyze(cached, data, temperature=temperature, cache=False, progress=False)

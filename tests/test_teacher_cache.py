@@ -27,7 +27,7 @@ def data(pair):
 def caches(pair, data, tmp_path_factory):
     root = tmp_path_factory.mktemp("caches")
     return {k: build(pair.teacher, pair.tokenizer, data, root / f"k{k}", top_k=k, teacher_name="tiny",
-                     max_length=64, progress=False) for k in (len(pair.tokenizer), 16, 4)}
+                     max_length=64, encoding="exact", progress=False) for k in (len(pair.tokenizer), 16, 4)}
 
 
 def test_the_cache_stores_each_target_tokens_top_k_and_target_log_prob(pair, data, caches):
@@ -49,9 +49,11 @@ def test_the_cache_stores_each_target_tokens_top_k_and_target_log_prob(pair, dat
     torch.testing.assert_close(rows.tail_logp.double(), tail, rtol=1e-5, atol=1e-5)
 
 
-def test_bytes_per_token_at_k_64_is_under_400(pair, data, tmp_path):
-    cache = build(pair.teacher, pair.tokenizer, data, tmp_path / "k64", top_k=64, progress=False)
-    assert cache.bytes_per_token == 2 * 64 + 4 * 64 + 4 + 4 == 392
+def test_bytes_per_token_at_k_64_exact_392_compact_under_160(pair, data, tmp_path):
+    exact = build(pair.teacher, pair.tokenizer, data, tmp_path / "k64", top_k=64, encoding="exact", progress=False)
+    assert exact.bytes_per_token == 2 * 64 + 4 * 64 + 4 + 4 == 392
+    compact = build(pair.teacher, pair.tokenizer, data, tmp_path / "c64", top_k=64, progress=False)
+    assert compact.encoding == "compact" and compact.bytes_per_token == 159 == compact.meta["bytes_per_token"]
 
 
 def live_targets(pair, data):
@@ -150,37 +152,38 @@ def test_a_cache_whose_arrays_were_swapped_or_damaged_is_refused(caches, tmp_pat
 
     import numpy as np
 
+    part = caches[16].parts[0].prefix  # the part folder holding the rows ("part-0000000000-0000000008/")
     for name, change, message in [
-        ("logprobs", lambda folder: np.load(folder / "ids.npy"), "logprobs.npy holds uint16 values, not floats"),
+        ("logprobs", lambda folder: np.load(folder / "ids.npy"), "logprobs.npy holds uint16 values, not float32"),
         ("logprobs", lambda folder: -np.load(folder / "logprobs.npy"), "not log-probabilities"),
         ("logprobs", lambda folder: np.load(folder / "logprobs.npy")[:, ::-1].copy(), "not the top-k in order"),
         ("ids", lambda folder: np.load(folder / "ids.npy")[:-1], "ids.npy has shape"),
     ]:
         folder = tmp_path / f"{name}-{message[:8]}"
         shutil.copytree(caches[16].folder, folder)
-        np.save(folder / f"{name}.npy", change(folder))
-        with pytest.raises(ValueError, match=f"is damaged: {name}.npy has changed since the cache was made"):
+        np.save(folder / part / f"{name}.npy", change(folder / part))
+        with pytest.raises(ValueError, match=f"is damaged: {part}{name}.npy has changed since the cache was made"):
             TeacherCache.open(folder)
         meta = json.loads((folder / "meta.json").read_text())
-        del meta["checksums"]  # as a cache made before kdviz recorded them: the sampled checks still catch it
-        (folder / "meta.json").write_text(json.dumps(meta))
-        (folder / "meta.json.xxh3").unlink()  # (nor sealed its meta.json)
+        del meta["checksums"]  # as a cache made before kdviz recorded them (and sealed meta.json): the sampled
+        (folder / "meta.json").write_text(json.dumps(meta))  # checks still catch it
+        (folder / "meta.json.xxh3").unlink()
         with pytest.raises(ValueError, match=f"is damaged: .*{message}"):
             TeacherCache.open(folder)
     flipped = tmp_path / "one-ulp"  # one value nudged by one ulp in place: still a log-probability,
     # so only the checksum can tell
     shutil.copytree(caches[16].folder, flipped)
-    target = np.load(flipped / "target_logp.npy", mmap_mode="r+")
+    target = np.load(flipped / part / "target_logp.npy", mmap_mode="r+")
     target[1] = np.nextafter(target[1], np.float32(0), dtype=np.float32)
     target.flush()
     del target
-    with pytest.raises(ValueError, match="is damaged: target_logp.npy has changed since the cache was made"):
+    with pytest.raises(ValueError, match=f"is damaged: {part}target_logp.npy has changed since the cache was made"):
         TeacherCache.open(flipped)
-    assert TeacherCache.open(caches[16].folder).meta["checksums"].keys() == {
-        f"{n}.npy" for n in ("ids", "logprobs", "target_logp", "tail_logp", "offsets", "keys")}
+    assert TeacherCache.open(caches[16].folder).meta["checksums"].keys() == {"offsets.npy", "keys.npy"} | {
+        f"{part}{n}.npy" for n in ("ids", "logprobs", "target_logp", "tail_logp")}
     broken = tmp_path / "meta"
     shutil.copytree(caches[16].folder, broken)
-    (broken / "meta.json").write_text('{"format": 2, "top_k"')
+    (broken / "meta.json").write_text('{"format": 3, "top_k"')
     with pytest.raises(ValueError, match="damaged: meta.json has changed since it was written"):
         TeacherCache.open(broken)
     (broken / "meta.json.xxh3").unlink()  # (a cache made before meta.json was sealed)
@@ -275,7 +278,8 @@ def zoo_caches(tmp_path_factory):
     pair = load_pair("zoo:teacher-s", "zoo:student", device="cpu")
     data = load_data("zoo:docstrings", pair.tokenizer, max_length=256, limit=24)
     root = tmp_path_factory.mktemp("zoo-caches")
-    return {k: build(pair.teacher, pair.tokenizer, data, root / f"k{k}", top_k=k, max_length=256, progress=False)
+    return {k: build(pair.teacher, pair.tokenizer, data, root / f"k{k}", top_k=k, max_length=256, progress=False,
+                     encoding="exact" if k == len(pair.tokenizer) else "compact")
             for k in (len(pair.tokenizer), 32)}
 
 

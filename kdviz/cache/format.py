@@ -1,10 +1,17 @@
-"""The teacher top-k cache on disk: its arrays and meta.json, opened and checked, rows read by example.
+"""The teacher top-k cache on disk: its parts and meta.json, opened and checked, rows read by example.
 
 Per target token the cache holds the teacher's top-k token ids and log-probabilities, the
-log-probability of the target (also when it is not in the top-k) and the log-probability of
-the tail (everything else), with the fingerprints of the teacher (every weight), the tokenizer, the data and
-the template. Arrays are .npy files read memory-mapped; at k=64 with a vocabulary under
-65,536 a token costs 2*64 (ids) + 4*64 (log-probs) + 4 + 4 = 392 bytes.
+log-probability of the target (also when it is not in the top-k) and of the tail (everything
+else), in one of two encodings (`kdviz.cache.encoding`): `exact` (float32, 392 bytes a token at
+k=64) or `compact` (159 bytes at k=64; u and TKD as exact, DKD and KL about 0.1 % off per token).
+meta.json records the fingerprints of the teacher (every weight), the tokenizer, the data and the
+template, the parts and every file's checksum; meta.json.xxh3 seals meta.json itself.
+
+Layout (format 3): ``keys.npy`` (one 63-bit key per example, `example_key`), ``offsets.npy`` (each
+example's first row; rows are the target tokens in data order) and one folder per part of the
+data, ``part-START-END/`` (examples START..END-1), holding its rows' arrays as .npy files read
+memory-mapped. Caches of format 2 (kdviz before parts: the same arrays as `exact`, in the folder
+itself) are read as one part.
 
 What is exact from a cache, what is not: u = 1 - p_y and TKD are exact at any k.
 DKD and KL see the teacher's top-k entries and one tail bucket holding the rest of the
@@ -29,53 +36,113 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kdviz.cache.encoding import decode, layout
 from kdviz.data import TokenDataset, example_key
 from kdviz.files import changed_file, expand, seal_problem
 from kdviz.maths.topk import TopKRows
 from kdviz.models.hashing import tokenizer_fingerprint
 
-PER_TOKEN = ("ids", "logprobs", "target_logp", "tail_logp")
-ARRAYS = (*PER_TOKEN, "offsets", "keys")
-FORMAT = 2  # 2: the tail's log-probability instead of the log-sum-exp
-
+FORMAT = 3  # 2: one set of arrays (exact); 3: parts, and the compact encoding
+READABLE = (2, 3)
+INDEX = ("offsets", "keys")
 
 META_KEYS = {"teacher", "teacher_fingerprint", "tokenizer", "data", "data_description", "template", "examples",
              "tokens", "top_k", "temperature", "vocab_size", "max_length"}
 SAMPLE_ROWS = 4096  # rows whose values `TeacherCache.open` checks
 
 
-def _array_problem(arrays: dict, meta: dict) -> str | None:
-    """What is wrong with a cache's arrays against its meta.json (shapes, types, a sample of values), or None."""
-    tokens, k, examples = meta["tokens"], meta["top_k"], meta["examples"]
-    expected = {"ids": (tokens, k), "logprobs": (tokens, k), "target_logp": (tokens,), "tail_logp": (tokens,),
-                "offsets": (examples + 1,), "keys": (examples,)}
-    for name, shape in expected.items():
-        if arrays[name].shape != shape:
-            return (f"{name}.npy has shape {arrays[name].shape}, but meta.json says {tokens} target tokens of "
-                    f"{examples} examples at top_k={k} (shape {shape})")
-    kinds = {"ids": "iu", "logprobs": "f", "target_logp": "f", "tail_logp": "f", "offsets": "iu", "keys": "iu"}
-    for name, kind in kinds.items():
-        if arrays[name].dtype.kind not in kind:
-            return f"{name}.npy holds {arrays[name].dtype} values, not {'integers' if kind == 'iu' else 'floats'}"
-    if tokens and int(arrays["offsets"][-1]) != tokens:
-        return f"offsets.npy ends at {int(arrays['offsets'][-1])}, not at the {tokens} target tokens"
-    rows = np.unique(np.linspace(0, max(tokens - 1, 0), min(tokens, SAMPLE_ROWS)).astype(np.int64))
-    ids, logprobs = np.asarray(arrays["ids"][rows]), np.asarray(arrays["logprobs"][rows])
-    if ids.size and (ids.min() < 0 or ids.max() >= meta["vocab_size"]):
-        return f"ids.npy holds token ids outside the vocabulary of {meta['vocab_size']}"
-    for name, values in (("logprobs", logprobs), ("target_logp", np.asarray(arrays["target_logp"][rows])),
-                         ("tail_logp", np.asarray(arrays["tail_logp"][rows]))):
-        if np.isnan(values).any() or (values > 1e-3).any():
-            return f"{name}.npy holds values that are not log-probabilities (NaN or above 0)"
-    if logprobs.size and (np.diff(logprobs, axis=1) > 1e-6).any():
-        return "logprobs.npy rows are not the top-k in order (largest first)"
+def part_name(start: int, end: int) -> str:
+    """The folder of the part holding examples start..end-1."""
+    return f"part-{start:010d}-{end:010d}"
+
+
+@dataclass
+class StoredPart:
+    """One part of a cache: examples [start, end), rows [first_row, first_row + rows), its arrays memory-mapped."""
+
+    prefix: str  # its arrays' folder relative to the cache ("" for a format 2 cache)
+    start: int
+    end: int
+    first_row: int
+    rows: int
+    arrays: dict = field(default_factory=dict)
+
+
+def cache_parts(meta: dict) -> list[StoredPart]:
+    """The parts meta.json lists (one part in the folder itself for format 2), without their arrays."""
+    if meta["format"] == 2:
+        return [StoredPart("", 0, meta["examples"], 0, meta["tokens"])]
+    parts, row = [], 0
+    for entry in meta["parts"]:
+        parts.append(StoredPart(f"{part_name(entry['start'], entry['end'])}/", entry["start"], entry["end"], row,
+                                entry["rows"]))
+        row += entry["rows"]
+    return parts
+
+
+def _shape_problem(part: StoredPart, meta: dict, encoding: str) -> str | None:
+    k, legacy = meta["top_k"], meta["format"] == 2
+    for name, (dtype, shape) in layout(encoding, k, meta["vocab_size"]).items():
+        array, expected = part.arrays[name], (part.rows, *shape)
+        if array.shape != expected:
+            return (f"{part.prefix}{name}.npy has shape {array.shape}, but meta.json says {part.rows} target tokens "
+                    f"of examples {part.start}..{part.end - 1} at top_k={k} (shape {expected})")
+        if array.dtype != dtype and not (legacy and array.dtype.kind == dtype.kind):
+            kind = "integers" if dtype.kind in "iu" else "floats"
+            return f"{part.prefix}{name}.npy holds {array.dtype} values, not {kind if legacy else dtype}"
     return None
+
+
+def _value_problem(part: StoredPart, meta: dict, encoding: str, sample: int) -> str | None:
+    """What is wrong with a sample of a part's values (decoded), or None."""
+    rows = np.unique(np.linspace(0, max(part.rows - 1, 0), min(part.rows, sample)).astype(np.int64))
+    if not len(rows):
+        return None
+    arrays = {name: np.asarray(array[rows]) for name, array in part.arrays.items()}
+    ids = arrays["ids"]
+    if ids.min() < 0 or ids.max() >= meta["vocab_size"]:
+        return f"{part.prefix}ids.npy holds token ids outside the vocabulary of {meta['vocab_size']}"
+    if encoding == "compact":
+        if (arrays["target_rank"] > meta["top_k"]).any() or (np.diff(arrays["curve"].astype(int), axis=1) < 0).any():
+            return f"{part.prefix}target_rank.npy or curve.npy holds values no capture writes"
+    decoded = decode(arrays, encoding, meta["top_k"])
+    for name in ("logprobs", "target_logp", "tail_logp"):
+        values = getattr(decoded, name)
+        if torch.isnan(values).any() or (values > 1e-3).any():
+            file = name if encoding == "exact" or name == "target_logp" else "rest_logp, tail_share or curve"
+            return f"{part.prefix}{file}.npy holds values that are not log-probabilities (NaN or above 0)"
+    if encoding == "exact" and (np.diff(arrays["logprobs"], axis=1) > 1e-6).any():
+        return f"{part.prefix}logprobs.npy rows are not the top-k in order (largest first)"
+    return None
+
+
+def _read_meta(folder: Path) -> dict:
+    if not (folder / "meta.json").is_file():
+        raise ValueError(f"{folder} is not a teacher cache (no meta.json); make one with `kdviz teacher-cache "
+                         "--teacher T --data D --out DIR`.")
+    sealed = seal_problem(folder / "meta.json")
+    if sealed:
+        raise ValueError(f"The teacher cache {folder} is damaged: {sealed}. Make it again with `kdviz teacher-cache`.")
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"The teacher cache's {folder / 'meta.json'} cannot be read ({err}); the cache is "
+                         "damaged: make it again with `kdviz teacher-cache`.") from None
+    if not isinstance(meta, dict) or meta.get("format") not in READABLE:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"The teacher cache {folder} has format {found}, this kdviz reads formats "
+                         f"{', '.join(map(str, READABLE))}; make it again with `kdviz teacher-cache`.")
+    missing = sorted(META_KEYS - set(meta) | ({"parts", "encoding"} - set(meta) if meta["format"] == 3 else set()))
+    if missing:
+        raise ValueError(f"The teacher cache's {folder / 'meta.json'} lacks {', '.join(missing)}: the cache is "
+                         "damaged; make it again.")
+    return meta
 
 
 @dataclass
@@ -84,49 +151,50 @@ class TeacherCache:
 
     folder: Path
     meta: dict
-    arrays: dict
+    parts: list[StoredPart]
+    offsets: np.ndarray
+    keys: np.ndarray
 
     @classmethod
     def open(cls, folder: str | os.PathLike) -> "TeacherCache":
         folder = expand(folder)
-        if not (folder / "meta.json").is_file():
-            raise ValueError(f"{folder} is not a teacher cache (no meta.json); make one with `kdviz teacher-cache "
-                             "--teacher T --data D --out DIR`.")
-        sealed = seal_problem(folder / "meta.json")
-        if sealed:
-            raise ValueError(f"The teacher cache {folder} is damaged: {sealed}. Make it again with `kdviz teacher-cache`.")
+        meta = _read_meta(folder)
+        encoding, parts = meta.get("encoding", "exact"), cache_parts(meta)
         try:
-            meta = json.loads((folder / "meta.json").read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"The teacher cache's {folder / 'meta.json'} cannot be read ({err}); the cache is "
-                             "damaged: make it again with `kdviz teacher-cache`.") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-            raise ValueError(f"The teacher cache {folder} has format {found}, this kdviz reads format "
-                             f"{FORMAT}; make it again with `kdviz teacher-cache`.")
-        missing = sorted(META_KEYS - set(meta))
-        if missing:
-            raise ValueError(f"The teacher cache's {folder / 'meta.json'} lacks {', '.join(missing)}: the cache is "
-                             "damaged; make it again.")
-        try:
-            arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
+            index = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in INDEX}
+            for part in parts:
+                part.arrays = {name: np.load(folder / f"{part.prefix}{name}.npy", mmap_mode="r")
+                               for name in layout(encoding, meta["top_k"], meta["vocab_size"])}
         except (OSError, ValueError) as err:
             raise ValueError(f"The teacher cache {folder} is damaged ({err}); make it again.") from None
         # (caches made before kdviz recorded checksums have none: their arrays get only the sampled checks)
         problem = changed_file(folder, meta.get("checksums") or {}, since="the cache was made") or \
-            _array_problem(arrays, meta)
+            _index_problem(index, parts, meta)
+        for part in parts:
+            problem = problem or _shape_problem(part, meta, encoding) or \
+                _value_problem(part, meta, encoding, max(16, SAMPLE_ROWS // len(parts)))
         if problem:
             raise ValueError(f"The teacher cache {folder} is damaged: {problem}. Make it again with "
                              "`kdviz teacher-cache`.")
-        return cls(folder, meta, arrays)
+        return cls(folder, meta, parts, index["offsets"], index["keys"])
 
     @property
     def top_k(self) -> int:
         return self.meta["top_k"]
 
     @property
+    def encoding(self) -> str:
+        return self.meta.get("encoding", "exact")
+
+    @property
+    def caveats(self) -> list[str]:
+        """What is less exact in this cache than in one made by running the teacher (imported log-probs)."""
+        return list(self.meta.get("caveats") or [])
+
+    @property
     def bytes_per_token(self) -> float:
-        return sum(self.arrays[n].nbytes for n in PER_TOKEN) / max(1, len(self.arrays["target_logp"]))
+        total = sum(array.nbytes for part in self.parts for array in part.arrays.values())
+        return total / max(1, self.meta["tokens"])
 
     def check(self, dataset: TokenDataset, tokenizer, *, temperature: float = 1.0) -> None:
         """ValueError saying why this cache does not belong to `dataset` / `tokenizer` / `temperature`."""
@@ -149,12 +217,13 @@ class TeacherCache:
 
     def holds(self, examples) -> bool:
         """Whether the cache has rows for every one of `examples` (found by their ids and labels)."""
-        index = self._key_index()
+        index = self.key_index()
         return all(example_key(ex) in index for ex in examples)
 
-    def _key_index(self) -> dict[int, int]:
+    def key_index(self) -> dict[int, int]:
+        """example_key -> the example's index in the cache."""
         if not hasattr(self, "_index"):
-            self._index = {int(key): i for i, key in enumerate(self.arrays["keys"])}
+            self._index = {int(key): i for i, key in enumerate(self.keys)}
         return self._index
 
     def rows_for(self, examples) -> TopKRows:
@@ -163,7 +232,7 @@ class TeacherCache:
 
     def rows_for_keys(self, keys: list[int]) -> TopKRows:
         """The cached rows of the examples with these `example_key`s, concatenated in order."""
-        index = self._key_index()
+        index = self.key_index()
         missing = [key for key in keys if key not in index]
         if missing:
             raise ValueError(f"The teacher cache {self.folder} has no rows for {len(missing)} example(s) of this "
@@ -172,8 +241,34 @@ class TeacherCache:
 
     def rows(self, examples: list[int]) -> TopKRows:
         """The cached rows of these examples' target tokens, concatenated in the given order."""
-        offsets = self.arrays["offsets"]
+        offsets = self.offsets
         spans = [np.arange(offsets[i], offsets[i + 1]) for i in examples]
         index = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
-        pick = lambda name: torch.from_numpy(np.ascontiguousarray(self.arrays[name][index]))  # noqa: E731
-        return TopKRows(pick("ids").long(), pick("logprobs"), pick("target_logp"), pick("tail_logp"))
+        return self.rows_at(index)
+
+    def rows_at(self, index: np.ndarray) -> TopKRows:
+        """The rows at these row numbers (of the whole cache), in the given order; each part's rows decoded once."""
+        owner = np.searchsorted([part.first_row for part in self.parts], index, side="right") - 1
+        pieces = []
+        for p in (np.unique(owner) if len(index) else [0]):
+            part, chosen = self.parts[p], np.nonzero(owner == p)[0]
+            local = index[chosen] - part.first_row
+            pieces.append((chosen, decode({name: array[local] for name, array in part.arrays.items()}, self.encoding,
+                                          self.top_k)))
+        if len(pieces) == 1:
+            return pieces[0][1]
+        order = torch.from_numpy(np.argsort(np.concatenate([chosen for chosen, _ in pieces]), kind="stable"))
+        return TopKRows(*(torch.cat(columns)[order] for columns in zip(*(rows for _, rows in pieces))))
+
+
+def _index_problem(index: dict, parts: list[StoredPart], meta: dict) -> str | None:
+    tokens, examples = meta["tokens"], meta["examples"]
+    for name, shape in (("offsets", (examples + 1,)), ("keys", (examples,))):
+        if index[name].shape != shape or index[name].dtype.kind not in "iu":
+            return (f"{name}.npy holds {index[name].dtype} of shape {index[name].shape}, but meta.json says "
+                    f"{examples} examples (integers, shape {shape})")
+    if tokens and int(index["offsets"][-1]) != tokens:
+        return f"offsets.npy ends at {int(index['offsets'][-1])}, not at the {tokens} target tokens"
+    if sum(part.rows for part in parts) != tokens:
+        return f"the parts hold {sum(part.rows for part in parts)} rows, not the {tokens} target tokens"
+    return None

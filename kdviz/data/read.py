@@ -218,9 +218,9 @@ def make_records(raw: list[tuple[str, object]], fields: Fields) -> list[Record]:
 
 
 # Files that mark a folder kdviz wrote (a teacher cache, a distill run or checkpoint, a converted model): not data.
-ARTEFACT_MARKS = {"ids.npy": "a kdviz teacher cache", "kdviz_checkpoint.json": "a kdviz distill checkpoint",
-                  "trainer_state.json": "a training checkpoint", "model.safetensors": "a model",
-                  "tokenizer_config.json": "a model or tokenizer"}
+ARTEFACT_MARKS = {"ids.npy": "a kdviz teacher cache", "keys.npy": "a kdviz teacher cache",
+                  "kdviz_checkpoint.json": "a kdviz distill checkpoint", "trainer_state.json": "a training checkpoint",
+                  "model.safetensors": "a model", "tokenizer_config.json": "a model or tokenizer"}
 
 
 def _folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
