@@ -10,10 +10,10 @@ True
 __version__ = "0.1.0"
 
 from kdviz import losses
-from kdviz.analysis import Summary, TokenTable, analyze
+from kdviz.analysis import Summary, TokenTable, analyze, exposure_bias
 from kdviz.comparison import Comparison, compare
 from kdviz.maths.decomposition import TokenStats, decompose
 from kdviz.pair import ModelPair, load_pair
 
 __all__ = ["losses", "Comparison", "ModelPair", "Summary", "TokenStats", "TokenTable", "analyze", "compare", "decompose",
-           "load_pair"]
+           "exposure_bias", "load_pair"]

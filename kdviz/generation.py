@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from kdviz import distributed
 from kdviz.checks import check_count, check_non_negative, is_real
-from kdviz.data import IGNORE_INDEX, Example, TokenDataset, example_key
-from kdviz.files import move_aside, warn, write_text
-from kdviz.models import position_ids
+from kdviz.data import IGNORE_INDEX, Example, TokenDataset, example_key, pad_id, stop_ids
+from kdviz.files import cache_root, move_aside, warn, write_text
+from kdviz.models import fingerprint, position_ids
+from kdviz.pair import ModelPair
 
 SOURCES = ("student", "teacher")
 
@@ -85,15 +87,21 @@ def _choose(logits: Tensor, settings: Sampling, generator: torch.Generator) -> i
 
 @torch.no_grad()
 def _continue(model, prompts: list[list[int]], generators: list[torch.Generator], settings: Sampling,
-              stop_ids: set[int], pad_id: int) -> list[list[int]]:
-    """Continuations of a batch of prompts (left padding, the model's KV cache), each with its own generator."""
+              stop_ids: set[int], pad_id: int, context: int | None) -> list[list[int]]:
+    """Continuations of a batch of prompts (left padding, the model's KV cache), each with its own generator;
+    a continuation also stops where prompt + response fill `context` tokens."""
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    out, done, past, step_ids = [[] for _ in prompts], [False] * len(prompts), None, ids
+    out, past, step_ids = [[] for _ in prompts], None, ids
+    room = [settings.max_new_tokens if context is None else min(settings.max_new_tokens, context - len(p))
+            for p in prompts]
+    done = [r <= 0 for r in room]
     cache_name = _cache_argument(model)
-    for _ in range(settings.max_new_tokens):
+    for _ in range(max(room)):
+        if all(done):
+            break
         result = model(input_ids=step_ids, attention_mask=mask, position_ids=position_ids(mask)[:, -step_ids.shape[1]:],
                        use_cache=True, **{cache_name: past})
         past, logits = result[cache_name], result.logits[:, -1].float()
@@ -101,9 +109,7 @@ def _continue(model, prompts: list[list[int]], generators: list[torch.Generator]
         for row, token in enumerate(chosen):
             if not done[row]:
                 out[row].append(token)
-                done[row] = token in stop_ids
-        if all(done):
-            break
+                done[row] = token in stop_ids or len(out[row]) >= room[row]
         step_ids = torch.tensor(chosen, device=device)[:, None]
         mask = torch.cat([mask, torch.tensor([[0 if d else 1] for d in done], device=device)], 1)
     return out
@@ -116,10 +122,11 @@ def _cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def generate_responses(model, prompts: list[list[int]], settings: Sampling, *, stop_ids, pad_id: int
-                       ) -> list[list[list[int]]]:
+def generate_responses(model, prompts: list[list[int]], settings: Sampling, *, stop_ids, pad_id: int,
+                       context: int | None = None) -> list[list[list[int]]]:
     """For each prompt, `settings.samples_per_prompt` continuations (token ids, ending with a stop id when one was
-    written), batched by `settings.batch_size` prompt-samples, longest prompts first."""
+    written; prompt + continuation at most `context` tokens), batched by `settings.batch_size` prompt-samples,
+    longest prompts first."""
     was_training = model.training
     model.eval()
     jobs = [(i, k) for i in range(len(prompts)) for k in range(settings.samples_per_prompt)]
@@ -129,36 +136,41 @@ def generate_responses(model, prompts: list[list[int]], settings: Sampling, *, s
         batch = jobs[start : start + settings.batch_size]
         generators = [torch.Generator(device=next(model.parameters()).device).manual_seed(
             _seed(settings.seed, prompts[i], k)) for i, k in batch]
-        outs = _continue(model, [prompts[i] for i, _ in batch], generators, settings, set(stop_ids), pad_id)
+        outs = _continue(model, [prompts[i] for i, _ in batch], generators, settings, set(stop_ids), pad_id, context)
         found.update(zip(batch, outs))
     model.train(was_training)
     return [[found[(i, k)] for k in range(settings.samples_per_prompt)] for i in range(len(prompts))]
 
 
-def with_responses(dataset: TokenDataset, responses: list[list[list[int]]], *, origin: str) -> TokenDataset:
-    """The examples' prompts with the generated responses as targets (one example per prompt and sample)."""
+def with_responses(dataset: TokenDataset, responses: list[list[list[int]]], *, origin: str,
+                   keep_data: bool = False) -> TokenDataset:
+    """The examples' prompts with the generated responses as targets (one example per prompt and sample); with
+    `keep_data`, each prompt's data example (where it has a response) comes first, then its samples."""
     examples = []
     for example, samples in zip(dataset, responses):
         prompt = prompt_of(example)
+        if keep_data and len(prompt) < len(example.input_ids):
+            examples.append(example)
         for k, response in enumerate(samples):
             if response:
                 examples.append(Example(prompt + response, [IGNORE_INDEX] * len(prompt) + response,
                                         f"{example.source}#{origin}{k}", origin=origin, sample=k))
-    return TokenDataset(examples, f"{dataset.description}, responses by the {origin}", dataset.template)
+    what = f"the data's responses and the {origin}'s" if keep_data else f"responses by the {origin}"
+    return TokenDataset(examples, f"{dataset.description}, {what}", dataset.template)
 
 
-def generation_key(model_fingerprint: str, dataset: TokenDataset, settings: Sampling) -> str:
-    """What decides a set of generations: the model's weights, the prompts and the sampling settings."""
+def generation_key(model_fingerprint: str, dataset: TokenDataset, settings: Sampling, context: int | None) -> str:
+    """What decides a set of generations: the model's weights, the prompts, the sampling settings, the context."""
     prompts = [example_key(Example(prompt_of(ex), [], "")) for ex in dataset]
-    text = json.dumps([model_fingerprint, prompts, settings.as_dict()], sort_keys=True)
+    text = json.dumps([model_fingerprint, prompts, settings.as_dict(), context], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
 def cached_generations(model, model_fingerprint: str, dataset: TokenDataset, settings: Sampling, *, stop_ids,
-                       pad_id: int, root: Path | None) -> list[list[list[int]]]:
+                       pad_id: int, root: Path | None, context: int | None = None) -> list[list[list[int]]]:
     """`generate_responses` for the dataset's prompts, kept in `root/<key>.json` (the key: model weights, prompts
     and sampling settings) and read back from there by a later run; `root` None: not kept."""
-    key = generation_key(model_fingerprint, dataset, settings)
+    key = generation_key(model_fingerprint, dataset, settings, context)
     path = None if root is None else root / f"{key}.json"
     if path is not None and path.is_file():
         try:
@@ -168,7 +180,7 @@ def cached_generations(model, model_fingerprint: str, dataset: TokenDataset, set
         except (OSError, ValueError, KeyError):
             move_aside(path, "it is not a readable set of generations")
     responses = generate_responses(model, [prompt_of(ex) for ex in dataset], settings, stop_ids=stop_ids,
-                                   pad_id=pad_id)
+                                   pad_id=pad_id, context=context)
     if path is not None:
         try:
             write_text(path, json.dumps({"key": key, "settings": settings.as_dict(), "responses": responses}),
@@ -176,3 +188,25 @@ def cached_generations(model, model_fingerprint: str, dataset: TokenDataset, set
         except ValueError as err:
             warn(f"{err} The generations are used but not kept.")
     return responses
+
+
+def generated_dataset(pair: ModelPair, dataset: TokenDataset, *, generate: str, settings: Sampling,
+                      max_length: int | None = None, cache_dir: Path | None = None) -> TokenDataset:
+    """`dataset` with, after each prompt's data example, `settings.samples_per_prompt` responses written by the
+    pair's student or teacher (`generate`), kept under `cache_dir` (None: the kdviz cache). Under torchrun rank 0
+    generates and the other ranks receive its responses."""
+    if generate not in SOURCES:
+        raise ValueError(f"generate must be one of {SOURCES}, got {generate!r}.")
+    if pair.teacher is None:
+        raise ValueError(f"Generated responses need the live teacher to score them: this pair reads the teacher from a "
+                         f"top-k cache ({pair.teacher_name}), which holds it on the data's own tokens only. Load the "
+                         "pair with the teacher model (--teacher MODEL) instead of --teacher-cache.")
+    model = pair.student if generate == "student" else pair.teacher
+    responses = None
+    if distributed.world().is_main:
+        root = (cache_dir if cache_dir is not None else cache_root()) / "generations"
+        responses = cached_generations(model, fingerprint(model), dataset, settings,
+                                       stop_ids=stop_ids(pair.tokenizer, dataset.template or "plain"),
+                                       pad_id=pad_id(pair.tokenizer), root=root, context=pair.context(max_length))
+    responses = distributed.broadcast(responses)
+    return with_responses(dataset, responses, origin=generate, keep_data=True)

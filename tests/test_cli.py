@@ -87,3 +87,24 @@ def test_demo_hint_leads_to_a_notebook_that_exists_from_any_folder(tmp_path, cap
     assert main(shlex.split(copy)[1:]) == 0  # `kdviz notebooks --out DIR`, as the hint says
     path = open_it.split("jupyter lab ")[1].split()[0]
     assert path.endswith("01_token_inspector.ipynb") and (tmp_path / path).is_file()
+
+
+def test_analyze_generate_prints_the_exposure_bias_and_refuses_a_cache(tmp_path, model_dirs, capsys, monkeypatch):
+    monkeypatch.setenv("KDVIZ_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Echo {i}", "input": "", "output": "the teacher"}) + "\n"
+                            for i in range(3)))
+    base = ["analyze", "--teacher", str(model_dirs["teacher"]), "--student", str(model_dirs["student"]),
+            "--data", str(data), "--generate", "student", "--max-new-tokens", "5", "--samples-per-prompt", "2"]
+    assert main([*base, "--out", str(tmp_path / "g.parquet")]) == 0
+    out = capsys.readouterr().out
+    assert "Exposure bias over 3 prompts" in out and "student" in out
+    table = TokenTable.load(tmp_path / "g.parquet")
+    assert table.meta["generated_by"] == "student" and table.meta["sampling"]["samples_per_prompt"] == 2
+    assert table.df.filter(pl.col("response_from") == "student")["sample"].unique().sort().to_list() == [0, 1]
+    for extra, says in ((["--teacher-cache", str(tmp_path)], "--generate needs the live teacher"),
+                        (["--samples-per-prompt", "2", "--sample-temperature", "0"], "greedy decoding writes one")):
+        args = [a for a in base if a not in ("--teacher", str(model_dirs["teacher"]))] if "--teacher-cache" in extra \
+            else base
+        assert main([*args, *extra, "--out", str(tmp_path / "x.parquet")]) == 2
+        assert says in capsys.readouterr().err

@@ -46,3 +46,67 @@ def test_sampling_settings_are_checked():
                           ({"temperature": 0.0, "samples_per_prompt": 2}, "greedy decoding writes one")):
         with pytest.raises(ValueError, match=says):
             Sampling(**options)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    import kdviz
+
+    return kdviz.load_pair("zoo:teacher-s", "zoo:student", device="cpu")
+
+
+def test_analysis_of_generated_responses_scores_what_generate_wrote(pair, tmp_path):
+    import polars as pl
+
+    import kdviz
+    from kdviz.data import load_data
+    from kdviz.generation import prompt_of, with_responses
+
+    sampling = Sampling(max_new_tokens=10, temperature=0.0)
+    table = kdviz.analyze(pair, "zoo:docstrings", limit=3, generate="student", sampling=sampling, cache_dir=tmp_path,
+                          progress=False).df
+    assert table["response_from"].unique().sort().to_list() == ["data", "student"]
+    data = load_data("zoo:docstrings", pair.tokenizer, max_length=pair.context(), limit=3)
+    for doc, example in zip(table.filter(pl.col("response_from") == "student")["doc_id"].unique().sort(), data):
+        prompt = torch.tensor([prompt_of(example)])
+        written = pair.student.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                        max_new_tokens=10, eos_token_id=pair.tokenizer.eos_token_id,
+                                        pad_token_id=pair.tokenizer.pad_token_id)[0, prompt.shape[1]:].tolist()
+        rows = table.filter((pl.col("doc_id") == doc) & pl.col("is_response")).sort("position")
+        assert rows["token_id"].to_list() == written
+    # the generated rows are the analysis of those texts given as data
+    responses = [[table.filter((pl.col("doc_id") == d) & pl.col("is_response")).sort("position")["token_id"].to_list()]
+                 for d in table.filter(pl.col("response_from") == "student")["doc_id"].unique().sort()]
+    plain = kdviz.analyze(pair, with_responses(data, responses, origin="student", keep_data=True), cache=False,
+                          progress=False).df
+    assert plain["response_from"].to_list() == table["response_from"].to_list()
+    for column in ("token_id", "unc", "kl", "rkl", "tkd", "dkd", "hard"):
+        assert plain[column].to_list() == table[column].to_list(), column
+
+
+def test_generated_analysis_is_the_same_on_any_batch_size_and_kept(pair, tmp_path):
+    import kdviz
+
+    tables = [kdviz.analyze(pair, "zoo:docstrings", limit=4, generate="student", batch_size=size, cache=False,
+                            cache_dir=tmp_path, progress=False,
+                            sampling=Sampling(max_new_tokens=8, samples_per_prompt=2, seed=3, batch_size=size)).df
+              for size in (1, 3)]
+    for column in ("doc_id", "position", "token_id", "response_from", "sample", "source"):
+        assert tables[0][column].to_list() == tables[1][column].to_list(), column  # the same responses
+    for column in ("unc", "kl", "rkl", "dkd"):  # (batches of other shapes: float rounding only)
+        assert (tables[0][column] - tables[1][column]).abs().max() < 1e-4, column
+    kept = list((tmp_path / "generations").glob("*.json"))
+    assert len(kept) == 1  # one set of generations, whatever the batch size (the key leaves it out)
+    assert sorted(tables[0]["sample"].unique().to_list()) == [0, 1]
+
+
+def test_generation_refuses_a_teacher_cache(pair, tmp_path):
+    import kdviz
+    from kdviz.cache import build
+    from kdviz.data import load_data
+
+    data = load_data("zoo:docstrings", pair.tokenizer, max_length=pair.context(), limit=2)
+    build(pair.teacher, pair.tokenizer, data, tmp_path / "cache", top_k=8, max_length=pair.context(), progress=False)
+    cached = kdviz.load_pair(None, "zoo:student", teacher_cache=tmp_path / "cache", device="cpu")
+    with pytest.raises(ValueError, match="need the live teacher to score them"):
+        kdviz.analyze(cached, "zoo:docstrings", limit=2, generate="student", progress=False)

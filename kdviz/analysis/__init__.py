@@ -1,7 +1,8 @@
 """Analysis: teacher and student over a dataset -> a `TokenTable` (one row per token) and its `Summary`."""
 
+from kdviz.analysis.exposure import ExposureBias, exposure_bias
 from kdviz.analysis.run import DEFAULT_BATCH_TOKENS, DEFAULT_PART_TOKENS, SPLITS, analyze, check_options
 from kdviz.analysis.table import Summary, TokenTable, visible
 
-__all__ = ["DEFAULT_BATCH_TOKENS", "DEFAULT_PART_TOKENS", "SPLITS", "Summary", "TokenTable", "analyze",
-           "check_options", "visible"]
+__all__ = ["DEFAULT_BATCH_TOKENS", "DEFAULT_PART_TOKENS", "SPLITS", "ExposureBias", "Summary", "TokenTable", "analyze",
+           "check_options", "exposure_bias", "visible"]

@@ -34,6 +34,7 @@ from kdviz.batching import Part, plan_parts
 from kdviz.checks import check_count, check_temperature
 from kdviz.data import TokenDataset, check_template, load_data
 from kdviz.files import check_distinct, check_writable, expand, cache_root, warn, write_with
+from kdviz.generation import Sampling, generated_dataset
 from kdviz.pair import ModelPair
 
 SPLITS = ("sequence", "batch", "dataset")
@@ -76,6 +77,8 @@ def analyze(
     lazy: bool = False,
     part_tokens: int = DEFAULT_PART_TOKENS,
     progress: bool = True,
+    generate: str | None = None,
+    sampling: Sampling | None = None,
     **fields,
 ) -> TokenTable:
     """Run teacher and student over `data` and return a `TokenTable`, one row per predicted token.
@@ -96,6 +99,11 @@ def analyze(
             `cache_dir` (default ``$KDVIZ_CACHE_DIR`` or ``~/.cache/kdviz``).
         out: also write the table there (parquet, renamed into place when complete).
         lazy: return a table backed by the file (for results larger than memory).
+        generate: "student" or "teacher": that model also writes responses to the data's prompts (`sampling`:
+            how many, how long, temperature, top-p, seed); each prompt's data example is followed by its generated
+            ones, whose tokens are the targets. The column `response_from` says who wrote a row's response (data,
+            student, teacher) and `sample` which sample it is. Generations are kept in the cache, keyed on the
+            model's weights, the prompts and the sampling settings. `exposure_bias(table)` compares them.
         fields: prompt_field / response_field / context_field / truncate for record data.
 
     Under torchrun / accelerate launch, each rank analyses its share and rank 0 merges; every
@@ -114,6 +122,10 @@ def analyze(
     dataset = load_data(data, pair.tokenizer, max_length=pair.context(max_length), limit=limit, template=template,
                         **fields)
     pair.source.check_data(dataset, pair.tokenizer, temperature=temperature)
+    if generate is not None:
+        sampling = sampling or Sampling()
+        dataset = generated_dataset(pair, dataset, generate=generate, settings=sampling, max_length=max_length,
+                                    cache_dir=expand(cache_dir) if cache_dir else None)
     top_k = _kept_top_k(top_k, pair.source.top_k)
     s = Settings(top_k, float(temperature), padding_side, batch_size, batch_tokens)
     part_key = entry_key(pair.fingerprint, dataset.fingerprint, top_k, float(temperature), TABLE_FORMAT)
@@ -123,7 +135,8 @@ def analyze(
     distributed.check_agree({"data": dataset.fingerprint, "models": pair.fingerprint, "settings": settings})
     meta = {**settings, "teacher": pair.teacher_name, "student": pair.student_name, "fingerprint": pair.fingerprint,
             "data": dataset.description, "data_fingerprint": dataset.fingerprint, "template": dataset.template,
-            "format": TABLE_FORMAT}
+            "format": TABLE_FORMAT, "generated_by": generate,
+            "sampling": sampling.as_dict() if generate is not None else None}
     root = expand(cache_dir) / "analyze" if cache_dir else cache_root() / "analyze"
     entry = root / f"{key}.parquet"
     rows = [pair.source.table_rows(example) for example in dataset]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from kdviz import distributed
-from kdviz.analysis import analyze, check_options
+from kdviz.analysis import analyze, check_options, exposure_bias
 from kdviz.cli.options import (add_analysis_options, add_data_options, add_pair_options, check_suffix, command,
                                data_path, fields)
 from kdviz.data import read_data
 from kdviz.files import check_distinct, check_writable
+from kdviz.generation import SOURCES, Sampling
 from kdviz.models import resolve_device
 from kdviz.pair import load_pair
 from kdviz.report import write_report
@@ -20,6 +21,16 @@ def add_parser(commands) -> None:
     parser.add_argument("--report", default=None, help="also write an offline HTML report here (.html)")
     add_data_options(parser)
     add_analysis_options(parser)
+    group = parser.add_argument_group("generated responses (student-generated output)")
+    group.add_argument("--generate", choices=SOURCES, default=None,
+                       help="this model also writes responses to the data's prompts; both are analysed (the table's "
+                            "response_from column) and an exposure-bias summary compares them")
+    group.add_argument("--max-new-tokens", type=int, default=64, help="longest generated response (default 64)")
+    group.add_argument("--sample-temperature", type=float, default=1.0,
+                       help="sampling temperature of the generation, 0 = greedy (default 1)")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1: off)")
+    group.add_argument("--samples-per-prompt", type=int, default=1, help="responses per prompt (default 1)")
+    group.add_argument("--seed", type=int, default=0, help="sampling seed (the same responses on any batch size)")
 
 
 def run(args) -> None:
@@ -34,16 +45,26 @@ def run(args) -> None:
             check_writable(path, what=what)
     if (args.teacher is None) == (args.teacher_cache is None):
         raise ValueError("Give the teacher as --teacher MODEL or --teacher-cache DIR (one of them).")
+    sampling = None
+    if args.generate is not None:
+        if args.teacher_cache is not None:
+            raise ValueError("--generate needs the live teacher to score the generated responses; a --teacher-cache "
+                             "holds the teacher on the data's own tokens only. Give --teacher MODEL.")
+        sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.sample_temperature, top_p=args.top_p,
+                            samples_per_prompt=args.samples_per_prompt, seed=args.seed, batch_size=args.batch_size)
     source = read_data(args.data, limit=args.limit, **fields(args))  # data checked before any model loads
     device = distributed.local_device(resolve_device(args.device))
     pair = load_pair(args.teacher, args.student, teacher_cache=args.teacher_cache, device=device)
     table = analyze(pair, source, k=args.k, split=args.split, batch_size=args.batch_size,
                     batch_tokens=args.batch_tokens, top_k=args.top_k, temperature=args.temperature, limit=args.limit,
                     template=args.template, truncate=args.truncate, cache=not args.no_cache, out=args.out,
-                    max_length=args.max_length, part_tokens=args.part_tokens, lazy=True)
+                    max_length=args.max_length, part_tokens=args.part_tokens, lazy=True, generate=args.generate,
+                    sampling=sampling)
     if not distributed.world().is_main:
         return
     print(table.summary())
+    if args.generate is not None:
+        print(f"\n{exposure_bias(table)}")
     if pair.source.top_k is not None:
         print(f"\nThe teacher was read from a top-{pair.source.top_k} cache: u and TKD are exact; DKD and KL use the "
               "top-k plus one tail bucket, a lower bound of the true values. Rows are the target tokens only.")

@@ -12,10 +12,10 @@ from kdviz.data.padding import Batch, collate, pad_id
 from kdviz.data.examples import (IGNORE_INDEX, Example, TokenDataset, example_key, target_positions,
                                  usable_context)
 from kdviz.data.read import ZOO_DATASETS, Record, Source, read_data, read_jsonl
-from kdviz.data.templates import TEMPLATES, check_template, format_record, resolve_template
+from kdviz.data.templates import TEMPLATES, check_template, format_record, resolve_template, stop_ids
 from kdviz.data.tokenizing import from_files, from_records, from_texts, load_data, tokenize, zoo_dataset
 
 __all__ = ["IGNORE_INDEX", "TEMPLATES", "ZOO_DATASETS", "Batch", "Example", "Record", "Source", "TokenDataset",
            "check_template", "collate", "example_key", "format_record", "from_files", "from_records", "from_texts",
-           "load_data", "pad_id", "read_data", "read_jsonl", "resolve_template", "target_positions", "tokenize",
+           "load_data", "pad_id", "read_data", "read_jsonl", "resolve_template", "stop_ids", "target_positions", "tokenize",
            "usable_context", "zoo_dataset"]
