@@ -30,6 +30,8 @@ SCENARIOS = {
     "okd": {"loss": "okd", "okd_base": "atkd", "okd_rank": 2},
     "atkd-micro-batch": {"loss": "atkd", "loss_params": {"lam": 0.3}, "atkd_split": "micro_batch"},
     "mode": {"loss": "0.5*ce + hard:kl + 0.3*easy:u*dkd"},  # a teaching mode, with a cross-entropy term
+    # on-policy: each rank writes its own micro-batches' responses (student or teacher, per step), sampled
+    "on-policy": {"loss": "jsd", "on_policy": 0.5, "seq_kd": True, "rollout_max_new_tokens": 6},
 }
 LAYOUTS = {"1x8": (8, 1), "1x4x2": (4, 2), "2x4": (4, 1), "2x2x2": (2, 2)}  # processes x batch x accumulation
 LOGGED = ("loss", "kd", "kd_hard", "kd_easy", "ce", "unc")
@@ -98,13 +100,14 @@ def layout_runs(model_dirs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", ["1x4x2", "2x4", "2x2x2"])
-@pytest.mark.parametrize("name", ["fkl", "atkd", "okd", "mode"])
+@pytest.mark.parametrize("name", ["fkl", "atkd", "okd", "mode", "on-policy"])
 def test_processes_and_accumulation_give_the_one_process_student(layout_runs, name, layout):
     reference, ours = layout_runs(name, "1x8"), layout_runs(name, layout)
     initial = reference["initial"]
     assert relative_difference(ours["final"], reference["final"], initial, "student.") < 1e-5
     for ours_log, reference_log in zip(ours["logs"], reference["logs"], strict=True):  # token-weighted over ranks
-        for key in (*LOGGED, "adapter_ce", "adapter_pull") if name == "okd" else LOGGED:
+        extra = {"okd": ("adapter_ce", "adapter_pull"), "on-policy": ("on_policy", "seq_kd", "rollout_tokens")}
+        for key in (*LOGGED, *extra.get(name, ())):
             assert ours_log[key] == pytest.approx(reference_log[key], rel=1e-5), key
     if name == "okd":
         assert relative_difference(ours["final"], reference["final"], initial, "adapter.") < 1e-5

@@ -46,6 +46,16 @@ def add_parser(commands) -> None:
                               "trajectory.parquet in --out, what the run did to each token (see `kdviz compare`)")
     distill.add_argument("--probe-data", default=None,
                          help="the probe set (default: the held-out examples); read with the same data options")
+    rollout = distill.add_argument_group("on-policy distillation (responses the student or the teacher writes)")
+    rollout.add_argument("--on-policy", type=float, default=0.0, metavar="LAMBDA",
+                         help="each optimizer step trains on responses the student writes to its prompts with this "
+                              "probability (GKD's lambda; 1 = always, default 0); needs --teacher, not a cache")
+    rollout.add_argument("--seq-kd", action="store_true",
+                         help="steps that are not on-policy train on responses the teacher writes (sequence-level KD)")
+    rollout.add_argument("--max-new-tokens", type=int, default=64, help="longest generated response (default 64)")
+    rollout.add_argument("--sample-temperature", type=float, default=1.0,
+                         help="sampling temperature of the generated responses, 0 = greedy (default 1)")
+    rollout.add_argument("--top-p", type=float, default=1.0, help="nucleus threshold of the generation (default 1: off)")
     add_data_options(distill)
     distill.add_argument("--device", default=None, help="cpu or cuda")
 
@@ -62,7 +72,9 @@ def run(args) -> None:
                      gradient_accumulation_steps=args.grad_accum, atkd_split=args.atkd_split,
                      keep_dropout=args.keep_dropout, save_steps=args.save_steps,
                      resume_from_checkpoint=args.resume or None, probe_every=args.probe_every,
-                     probe_data=args.probe_data, **fields(args))
+                     probe_data=args.probe_data, on_policy=args.on_policy, seq_kd=args.seq_kd,
+                     rollout_max_new_tokens=args.max_new_tokens, rollout_temperature=args.sample_temperature,
+                     rollout_top_p=args.top_p, **fields(args))
     if not distributed.world().is_main:
         if result.interrupted:
             raise SystemExit(130)
@@ -80,6 +92,12 @@ def run(args) -> None:
     print(f"{'':8}{'eval loss':>10}{'agreement':>11}{'ROUGE-L':>9}")
     for name, r in (("before", result.before), ("after", result.after)):
         print(f"{name:8}{r.loss:>10.3f}{r.agreement:>11.3f}{rouge[name]:>9}")
+    if "generation_seconds" in result.settings:
+        s = result.settings
+        share = s["generation_seconds"] / max(result.train_seconds, 1e-9)
+        length = "n/a" if s["mean_response_tokens"] is None else f"{s['mean_response_tokens']:.1f}"
+        print(f"Generation: {s['steps_by_writer']} steps by writer, {s['generation_seconds']:.0f} s ({share:.0%} of the "
+              f"training time), mean response {length} tokens")
     if result.probe_seconds is not None:
         print(f"Probes: {Path(args.out).resolve() / 'trajectory.parquet'} ({result.probe_seconds:.0f} s, "
               f"{result.probe_seconds / max(result.train_seconds, 1e-9):.0%} of the training time)")

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from kdviz.checks import check_choice, check_count, check_fraction, check_non_negative, check_positive
+from kdviz.checks import check_choice, check_count, check_fraction, check_non_negative, check_positive, is_real
+from kdviz.generation import Sampling
 from kdviz.losses import OBJECTIVES, get_loss
 from kdviz.maths.modes import PRESETS, is_mode
 
@@ -46,6 +47,15 @@ class DistillConfig(TrainingArguments):
     eval_generate_examples: int = field(default=16, metadata={
         "help": "Instruction examples whose greedy continuations are scored with ROUGE-L at evaluation (0: none)."})
     eval_generate_tokens: int = field(default=48, metadata={"help": "Most new tokens per greedy continuation."})
+    on_policy: float = field(default=0.0, metadata={
+        "help": "On-policy distillation (GKD's lambda, in [0, 1]): each optimizer step trains on responses the student "
+                "writes to the step's prompts with this probability (1.0: every step). Needs the live teacher."})
+    seq_kd: bool = field(default=False, metadata={
+        "help": "Sequence-level KD: steps that are not on-policy train on responses the teacher writes (GKD's seq_kd)."})
+    rollout_max_new_tokens: int = field(default=64, metadata={"help": "Most tokens of a generated training response."})
+    rollout_temperature: float = field(default=1.0, metadata={
+        "help": "Sampling temperature of generated training responses (0: greedy; 1: the model's own distribution)."})
+    rollout_top_p: float = field(default=1.0, metadata={"help": "Nucleus threshold of generated training responses."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "kdviz batches carry their own fields."})
     report_to: str | list[str] = field(default="none", metadata={"help": "Integrations to report to."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpoint strategy (default: none)."})
@@ -80,6 +90,10 @@ class DistillConfig(TrainingArguments):
         check_count(self.gradient_accumulation_steps, name("gradient_accumulation_steps"), minimum=1)
         check_count(self.eval_generate_examples, name("eval_generate_examples"), minimum=0)
         check_count(self.eval_generate_tokens, name("eval_generate_tokens"), minimum=1)
+        if not is_real(self.on_policy) or not 0 <= self.on_policy <= 1:
+            raise ValueError(f"{name('on_policy')} is the probability of an on-policy step and must be in [0, 1], got "
+                             f"{self.on_policy!r} (CLI: --on-policy).")
+        self.rollout_sampling()  # range-checks the rollout_* settings
         check_positive(self.learning_rate, "The learning rate", hint="(CLI: --lr)")
         if self.okd_learning_rate is not None:
             check_positive(self.okd_learning_rate, name("okd_learning_rate"), hint="(or None: the learning rate)")
@@ -97,6 +111,11 @@ class DistillConfig(TrainingArguments):
     def kd_loss(self):
         """The configured objective (for OKD, its base objective)."""
         return get_loss(self.okd_base if self.loss == "okd" else self.loss, **self.loss_params)
+
+    def rollout_sampling(self) -> Sampling:
+        """How on-policy and sequence-KD responses are sampled (the seed is set per step)."""
+        return Sampling(max_new_tokens=self.rollout_max_new_tokens, temperature=self.rollout_temperature,
+                        top_p=self.rollout_top_p, batch_size=max(1, self.per_device_train_batch_size))
 
     @property
     def log_fraction(self) -> float:
@@ -116,6 +135,8 @@ def run_settings(args: DistillConfig) -> dict:
                 "steps": args.max_steps, "learning_rate": args.learning_rate, "seed": args.seed,
                 "global_batch": global_batch(args),
                 "atkd_split": args.atkd_split, "keep_dropout": args.keep_dropout}
+    if args.on_policy > 0 or args.seq_kd:
+        settings.update(on_policy=args.on_policy, seq_kd=args.seq_kd, rollout=args.rollout_sampling().as_dict())
     if args.loss == "okd":
         settings.update(okd_base=args.okd_base, okd_rank=args.okd_rank, okd_pull=args.okd_pull,
                         okd_learning_rate=args.okd_learning_rate)

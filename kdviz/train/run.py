@@ -176,7 +176,7 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
         train, evaluation = split_data(dataset, eval_size=eval_split_size(eval_size, len(dataset)), seed=seed)
         trainer = DistillTrainer(model=pair.student, source=pair.source, args=args, train_dataset=train,
                                  eval_dataset=evaluation, processing_class=pair.tokenizer, vocab_size=pair.vocab_size,
-                                 callbacks=callbacks)
+                                 callbacks=callbacks, generation_context=pair.context(max_length))
         trainer.run_inputs = run_inputs(pair, train, evaluation)
         check_agree({**trainer.run_inputs, "settings": run_settings(args)})  # every process: same data and models
         if checkpoint is not None:
@@ -264,4 +264,7 @@ def _settings(trainer: DistillTrainer, dataset: TokenDataset, checkpoint) -> dic
     if args.loss == "okd":
         settings.update(okd_base=args.okd_base, okd_rank=args.okd_rank, okd_pull=args.okd_pull,
                         adapter_parameters=sum(p.numel() for p in trainer.adapter.parameters()))
+    if trainer.rollouts is not None:
+        settings.update(on_policy=args.on_policy, seq_kd=args.seq_kd, rollout=args.rollout_sampling().as_dict(),
+                        **trainer.rollouts.summary())
     return {**settings, **trainer.source.recorded()}

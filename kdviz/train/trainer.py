@@ -45,6 +45,7 @@ from kdviz.train.checkpoints import write_mark
 from kdviz.train.config import DistillConfig, global_batch
 from kdviz.train.evaluate import EvalResult, evaluate_student
 from kdviz.train.okd import OnlineTeacher, load_adapter, save_adapter
+from kdviz.train.onpolicy import Rollouts
 
 
 # transformers < 5.19 has no Trainer.loss_is_scaled_for_ga: its training_step divides the loss by the step's number of
@@ -154,7 +155,7 @@ class DistillTrainer(Trainer):
     """
 
     def __init__(self, *args, teacher=None, teacher_cache: TeacherCache | None = None, source: Teacher | None = None,
-                 vocab_size: int | None = None, **kwargs):
+                 vocab_size: int | None = None, generation_context: int | None = None, **kwargs):
         if not isinstance(kwargs.get("args"), DistillConfig):
             raise ValueError("DistillTrainer needs args=DistillConfig(...) (it carries the loss settings).")
         tokenizer = kwargs.get("processing_class")
@@ -182,6 +183,7 @@ class DistillTrainer(Trainer):
                 teacher.to(self.args.device).eval().requires_grad_(False), vocab_size=self.vocab_size)
         self.source, self.adapter = self._online(source)
         self.teacher = self.source.module  # the teacher model (None when it is read from a top-k cache)
+        self.rollouts = self._rollouts(pad, generation_context)
         self.use_linear = self._check_paths()
         self._pending: deque[Prepared] = deque()
         self._window: Window | None = None
@@ -204,6 +206,19 @@ class DistillTrainer(Trainer):
                              "with the live teacher (--teacher instead of --teacher-cache).")
         online = OnlineTeacher(source, rank=self.args.okd_rank, pull=self.args.okd_pull, device=self.args.device)
         return online, online.adapter
+
+    def _rollouts(self, pad: int, context: int | None) -> Rollouts | None:
+        """On-policy / sequence-KD responses (None when the run trains on the data's responses only)."""
+        args = self.args
+        if not (args.on_policy > 0 or args.seq_kd):
+            return None
+        if self.teacher is None:
+            raise ValueError("On-policy distillation and sequence KD train on newly generated responses, which only the "
+                             "live teacher can score: a top-k teacher cache holds the teacher on the data's own tokens. "
+                             "Give the teacher model (--teacher) instead of --teacher-cache.")
+        template = getattr(self.train_examples, "template", None)
+        return Rollouts(on_policy=args.on_policy, seq_kd=args.seq_kd, sampling=args.rollout_sampling(),
+                        tokenizer=self.processing_class, template=template, context=context, pad=pad)
 
     def _check_paths(self) -> bool:
         """Whether the fused-linear path is used; ValueError when a teacher needs it and the models do not allow it."""
@@ -248,9 +263,23 @@ class DistillTrainer(Trainer):
             self.adapter.zero_grad(set_to_none=True)
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         batches = [self._prepare_inputs(batch) for batch in batches]
+        if batches and self.rollouts is not None:
+            batches = self._rollout(batches)
         if batches:
             self._prepare_window(batches)
         return batches, num_items
+
+    def _rollout(self, batches: list[dict]) -> list[dict]:
+        """The step's micro-batches with generated responses (see `kdviz.train.onpolicy`), and what it cost."""
+        pad = pad_id(self.processing_class)
+        batches = self.rollouts.rewrite(batches, step=self.state.global_step, seed=self.args.seed,
+                                        student=self.accelerator.unwrap_model(self.model), teacher=self.teacher,
+                                        collate=lambda examples: batch_dict(examples, pad))
+        done, world = self.rollouts.history[-1], world_size()
+        self._record(on_policy=float(done.writer == "student") / world, seq_kd=float(done.writer == "teacher") / world,
+                     rollout_seconds=done.seconds / world, rollout_tokens=float(done.response_tokens),
+                     rollout_responses=float(done.responses))
+        return batches
 
     def _prepare_window(self, batches: list[dict]) -> None:
         """Prepare the teacher's side of every micro-batch of one optimizer step and fix the step's normalisation.

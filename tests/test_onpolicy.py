@@ -1,0 +1,108 @@
+"""On-policy distillation: the loss on a generated batch equals TRL GKD's, the step's writer and its responses depend
+on the seed and the step only (any layout, resume), and a teacher cache is refused."""
+
+import json
+import signal
+from functools import partial
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from kdviz.cache import build
+from kdviz.data import from_records
+from kdviz.train import DistillConfig, DistillTrainer, distill
+from kdviz.train.onpolicy import step_writer
+from kdviz.train.trainer import batch_dict
+
+RECORDS = [{"prompt": f"Write function number {i} of the module.", "response": f"def f{i}(a):\n    return a + {i}\n"}
+           for i in range(12)]
+
+
+def trl_jsd():
+    gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    return gkd.GKDTrainer.generalized_jsd_loss
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_on_policy_loss_equals_trl_gkd_on_the_same_generated_batch(pair, tmp_path, beta):
+    data = from_records(RECORDS, pair.tokenizer, max_length=64)
+    args = DistillConfig(output_dir=str(tmp_path), loss="jsd", loss_params={"beta": beta}, on_policy=1.0,
+                         rollout_max_new_tokens=8, rollout_temperature=1.0, max_steps=1, use_cpu=True,
+                         per_device_train_batch_size=4, report_to="none")
+    student = AutoModelForCausalLM.from_pretrained(pair.student.config._name_or_path)
+    trainer = DistillTrainer(model=student, teacher=pair.teacher, args=args, train_dataset=data,
+                             processing_class=pair.tokenizer, generation_context=64)
+    batch = batch_dict(list(data)[:4], pair.tokenizer.pad_token_id)
+    (generated,) = trainer.rollouts.rewrite([batch], step=3, seed=0, student=student, teacher=pair.teacher,
+                                            collate=lambda ex: batch_dict(ex, pair.tokenizer.pad_token_id))
+    assert not torch.equal(generated["labels"][generated["labels"] != -100], batch["labels"][batch["labels"] != -100])
+    ours = trainer.compute_loss(student, generated)
+    ours_grad = torch.autograd.grad(ours, student.lm_head.weight)[0]
+    ids, mask = generated["input_ids"], generated["attention_mask"]
+    student_logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    with torch.no_grad():
+        teacher_logits = pair.teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    theirs = trl_jsd()(student_logits, teacher_logits, labels=generated["labels"][:, 1:], beta=beta)
+    theirs_grad = torch.autograd.grad(theirs, student.lm_head.weight)[0]
+    assert float(ours.detach()) == pytest.approx(float(theirs.detach()), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(ours_grad, theirs_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_the_step_writer_is_a_draw_from_the_seed_and_step():
+    writers = [step_writer(0, step, 0.5, False) for step in range(400)]
+    assert writers == [step_writer(0, step, 0.5, False) for step in range(400)]  # the same on every call (rank)
+    assert 0.4 < writers.count("student") / 400 < 0.6 and set(writers) == {"student", "data"}
+    assert {step_writer(0, s, 0.5, True) for s in range(400)} == {"student", "teacher"}
+    assert {step_writer(1, s, 1.0, False) for s in range(50)} == {"student"}
+    assert {step_writer(1, s, 0.0, False) for s in range(50)} == {"data"}
+    assert writers != [step_writer(1, step, 0.5, False) for step in range(400)]
+
+
+class InterruptAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            signal.raise_signal(signal.SIGINT)
+
+
+def weights(folder):
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+def test_on_policy_runs_do_not_depend_on_the_layout_and_resume_exactly(model_dirs, tmp_path):
+    run = partial(distill, model_dirs["teacher"], model_dirs["student"], RECORDS, loss="jsd", steps=4, eval_size=4,
+                  learning_rate=1e-2, device="cpu", progress=False, eval_generate_examples=0, on_policy=0.5,
+                  seq_kd=True, rollout_max_new_tokens=6)
+    whole = run(out_dir=tmp_path / "whole", batch_size=4)
+    writers = whole.settings["steps_by_writer"]
+    assert writers["student"] > 0 and writers["teacher"] > 0 and writers["data"] == 0  # both kinds of step ran
+    assert whole.settings["mean_response_tokens"] > 0 and whole.settings["generation_seconds"] > 0
+    accumulated = run(out_dir=tmp_path / "accumulated", batch_size=2, gradient_accumulation_steps=2)
+    cut = run(out_dir=tmp_path / "cut", batch_size=4, callbacks=[InterruptAt(2)])
+    assert cut.interrupted and cut.steps_done == 2
+    resumed = run(out_dir=tmp_path / "cut", batch_size=4, resume_from_checkpoint=True)
+    assert resumed.steps_done == 4
+    reference, initial = weights(tmp_path / "whole"), weights(model_dirs["student"])
+    update = max(float((reference[k] - initial[k]).abs().max()) for k in reference)
+    for other in ("accumulated", "cut"):
+        theirs = weights(tmp_path / other)
+        assert max(float((theirs[k] - reference[k]).abs().max()) for k in reference) <= 1e-5 * update, other
+    metrics = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert metrics["settings"]["on_policy"] == 0.5 and metrics["settings"]["rollout"]["max_new_tokens"] == 6
+    with pytest.raises(ValueError, match="other settings"):
+        run(out_dir=tmp_path / "cut", batch_size=4, resume_from_checkpoint=True, on_policy=1.0)
+
+
+def test_on_policy_refuses_a_teacher_cache_and_bad_settings(pair, model_dirs, tmp_path):
+    data = from_records(RECORDS, pair.tokenizer, max_length=64)
+    build(pair.teacher, pair.tokenizer, data, tmp_path / "cache", top_k=8, max_length=64, progress=False)
+    with pytest.raises(ValueError, match="only the live teacher can score"):
+        distill(None, model_dirs["student"], RECORDS, teacher_cache=tmp_path / "cache", max_length=64, steps=1,
+                device="cpu", progress=False, on_policy=1.0, eval_size=2)
+    for options, says in (({"on_policy": 1.5}, r"on_policy is the probability .* got 1.5"),
+                          ({"on_policy": 0.5, "rollout_top_p": 0.0}, "top_p must be")):
+        with pytest.raises(ValueError, match=says):
+            DistillConfig(output_dir=str(tmp_path), **options)
