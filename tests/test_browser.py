@@ -33,6 +33,7 @@ SMALL = {
     "01_token_inspector": {"limit": 4},
     "03_distill": {"teachers": ["zoo:teacher-s"], "steps": 4, "limit": 24, "compare": []},
     "05_workshop": {},
+    "07_rollouts": {"teacher": "zoo:teacher-s", "student": "zoo:student", "limit": 2, "max_new_tokens": 12},
 }
 VIEWPORT = {"width": 1280, "height": 900}
 
@@ -376,4 +377,28 @@ def test_workshop_readout_follows_a_slider(page, lab, shots):
     expect(readout).to_contain_text(f"at temperature T = {shown:.2f}")
     expect(readout).to_contain_text("softens both; the sliders set the probabilities at T = 1")
     page.screenshot(path=shots / "05_workshop.png")
+    assert page.errors == []
+
+
+def test_rollout_viewer_pins_a_token_of_a_student_sample(page, lab, shots):
+    from playwright.sync_api import expect
+
+    run_notebook(page, lab, "07_rollouts")
+    responses = page.locator(".kdviz-rollouts").first  # the widget; a static copy follows further down
+    responses.scroll_into_view_if_needed()
+    expect(responses).to_contain_text("the data's response")
+    expect(responses).to_contain_text("student sample 1")
+    strips = responses.locator(".kdviz-strip")
+    expect(strips).to_have_count(3)  # the data's response, then the student's two samples
+    sample = strips.nth(2).locator("span[data-index]")
+    expect(sample.first).to_be_visible()
+    title = sample.nth(2).get_attribute("title")
+    assert title.startswith("position ") and " rkl " in title  # coloured by reverse KL by default
+    sample.nth(2).click()
+    detail = page.locator(".kdviz-rollout-detail")
+    expect(detail).to_contain_text("student sample 1")
+    expect(detail).to_contain_text(f"at {title.split(':')[0]} ")
+    expect(detail).to_contain_text("teacher top-k")
+    expect(sample.nth(2)).to_have_attribute("data-mark", "pinned")
+    page.screenshot(path=shots / "07_rollout_pinned.png")
     assert page.errors == []

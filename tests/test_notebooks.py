@@ -16,6 +16,7 @@ SMALL = {
                         "cache_dir": "{out_dir}/caches"},
     "05_workshop": {"student_target": 0.2},
     "06_ablations": {"teacher": "zoo:teacher-s", "steps": 2, "limit": 24, "losses": ["kd-on-hard", "kd-on-easy"]},
+    "07_rollouts": {"teacher": "zoo:teacher-s", "student": "zoo:student", "limit": 3, "max_new_tokens": 8},
 }
 
 
@@ -101,3 +102,14 @@ def test_workshop_notebook(tmp_path):
     sweep = pl.read_parquet(out / "sweep.parquet")
     assert sweep["weighted_dkd"].to_list()[-1] < sweep["weighted_dkd"].to_list()[0]
     assert ((sweep["tkd"] + sweep["weighted_dkd"] - sweep["kl"]).abs() < 1e-6).all()
+
+
+def test_rollouts_notebook(tmp_path):
+    out, nb = run("07_rollouts", tmp_path)
+    table = pl.read_parquet(out / "rollouts.parquet")
+    assert set(table["response_from"]) == {"data", "student"} and set(table["sample"]) == {0, 1}
+    bias = pl.read_csv(out / "exposure_bias.csv")
+    student = bias.filter(pl.col("response_from") == "student").row(0, named=True)
+    printed = "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []))
+    assert f"reverse KL {student['rkl']:.3f} on the student's responses" in printed  # computed from the numbers
+    assert any("student sample 1" in html for html in static_html_outputs(nb))

@@ -2,12 +2,14 @@
 
 from kdviz.widgets.inspector import TokenInspector
 from kdviz.widgets.launcher import DistillLauncher, LiveCurves
+from kdviz.widgets.rollouts import RolloutViewer
 from kdviz.widgets.runs import RunComparison
 from kdviz.widgets.strip import TokenStrip
 from kdviz.widgets.tables import html_table
 from kdviz.widgets.workshop import ToyKD
 
-__all__ = ["DistillLauncher", "LiveCurves", "RunComparison", "TokenInspector", "TokenStrip", "ToyKD", "html_table", "setup_notebook"]
+__all__ = ["DistillLauncher", "LiveCurves", "RolloutViewer", "RunComparison", "TokenInspector", "TokenStrip", "ToyKD",
+           "html_table", "setup_notebook"]
 
 
 def setup_notebook() -> None:
