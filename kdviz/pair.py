@@ -94,7 +94,8 @@ class ModelPair:
             self.source = LiveTeacher(self.teacher, vocab_size=teacher_vocab, name=self.teacher_name)
         self.teacher_name = self.teacher_name or self.source.name
         self.student_name = self.student_name or getattr(self.student.config, "name_or_path", "") or "student"
-        for role, model, vocab in (("teacher", self.teacher, teacher_vocab), ("student", self.student, self.vocab_size)):
+        sides = (("teacher", self.teacher, teacher_vocab), ("student", self.student, self.vocab_size))
+        for role, model, vocab in sides:
             rows = model.get_output_embeddings().weight.shape[0] if model is not None else vocab
             if rows < vocab:
                 raise ValueError(
@@ -113,8 +114,9 @@ class ModelPair:
         if self.cross_tokenizer:
             raise ValueError(
                 f"{what} compares the teacher's and the student's distributions token by token over one vocabulary, "
-                f"but {self.teacher_name} and {self.student_name} have different tokenizers ({self.vocabulary.describe()}"
-                "). Use a teacher and student of one tokenizer family; kdviz.align aligns this pair's tokens by bytes.")
+                f"but {self.teacher_name} and {self.student_name} have different tokenizers "
+                f"({self.vocabulary.describe()}). Use a teacher and student of one tokenizer family; kdviz.align "
+                "aligns this pair's tokens by bytes.")
 
     @property
     def device(self) -> torch.device:
