@@ -1,18 +1,22 @@
-"""A teacher and a student over one tokenizer: `load_pair` loads them, `ModelPair` holds them.
+"""A teacher and a student: `load_pair` loads them, `ModelPair` holds them.
 
 The teacher is a live model or a top-k cache (`teacher_cache=`); either way `pair.source` (a
 `kdviz.teachers.Teacher`) is what analysis, evaluation and training ask for the teacher's side.
+Models with different tokenizers load as a cross-tokenizer pair (`pair.teacher_tokenizer`,
+`pair.vocabulary`): their tokens are aligned by bytes (`kdviz.align`), never compared id by id.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
 from torch import Tensor
 
+from kdviz.align import VocabularyMatch, match_vocabularies
 from kdviz.cache.format import TeacherCache
 from kdviz.data import usable_context
 from kdviz.models import context_length, default_dtype, fingerprint, last_hidden, load_model, model_logits, \
@@ -27,36 +31,42 @@ PROBE_TEXTS = (
 )
 
 
-def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> int:
-    """The shared vocabulary size; ValueError when the tokenizers map text to different ids."""
+def tokenizer_difference(teacher_tokenizer, student_tokenizer) -> str | None:
+    """Why the two tokenizers are not one (a sentence for an error message), or None when they map text alike."""
     t_vocab, s_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
     for text in PROBE_TEXTS:
         t_ids = teacher_tokenizer(text, add_special_tokens=False)["input_ids"]
         s_ids = student_tokenizer(text, add_special_tokens=False)["input_ids"]
         if t_ids != s_ids:
-            raise ValueError(
-                f"The teacher and student tokenizers map the same text to different ids "
-                f"(teacher vocab {len(t_vocab)}, student vocab {len(s_vocab)}): {text[:30]!r} -> "
-                f"{t_ids[:8]} vs {s_ids[:8]}. Token-level KD compares distributions over one shared "
-                "vocabulary, so both models must use the same tokenizer: pick a student from the "
-                "teacher's family (e.g. Qwen2.5-7B -> Qwen2.5-0.5B) or retokenize and retrain one of them."
-            )
+            return (f"The teacher and student tokenizers map the same text to different ids "
+                    f"(teacher vocab {len(t_vocab)}, student vocab {len(s_vocab)}): {text[:30]!r} -> "
+                    f"{t_ids[:8]} vs {s_ids[:8]}. Token-level KD compares distributions over one shared "
+                    "vocabulary, so both models must use the same tokenizer: pick a student from the "
+                    "teacher's family (e.g. Qwen2.5-7B -> Qwen2.5-0.5B) or retokenize and retrain one of them.")
     if t_vocab != s_vocab:
         only = sorted(set(t_vocab.items()) ^ set(s_vocab.items()))[:5]
-        raise ValueError(
-            f"The teacher and student tokenizers have different vocabularies ({len(t_vocab)} vs "
-            f"{len(s_vocab)} entries; first differences {only}). Token-level KD needs one shared "
-            "vocabulary: use a teacher and student of the same tokenizer family."
-        )
+        return (f"The teacher and student tokenizers have different vocabularies ({len(t_vocab)} vs "
+                f"{len(s_vocab)} entries; first differences {only}). Token-level KD needs one shared "
+                "vocabulary: use a teacher and student of the same tokenizer family.")
+    return None
+
+
+def check_same_tokenizer(teacher_tokenizer, student_tokenizer) -> int:
+    """The shared vocabulary size; ValueError when the tokenizers map text to different ids."""
+    difference = tokenizer_difference(teacher_tokenizer, student_tokenizer)
+    if difference:
+        raise ValueError(difference)
     return len(teacher_tokenizer)
 
 
 @dataclass
 class ModelPair:
-    """A frozen teacher and a student over one tokenizer; logits cut to the shared vocab.
+    """A frozen teacher and a student; logits cut to the shared vocab.
 
     `teacher` is the teacher model (None when it is read from a top-k cache); `source` is the
-    teacher as the pipeline sees it (a live model or a cache, `kdviz.teachers`).
+    teacher as the pipeline sees it (a live model or a cache, `kdviz.teachers`). `tokenizer` is
+    the student's, and the teacher's too unless `teacher_tokenizer` is given: then the pair is
+    across tokenizers, `vocab_size` is the student's and `vocabulary` matches the two vocabularies.
     """
 
     teacher: torch.nn.Module | None
@@ -66,23 +76,47 @@ class ModelPair:
     teacher_name: str = ""
     student_name: str = ""
     source: Teacher | None = field(default=None, repr=False)
+    teacher_tokenizer: object | None = field(default=None, repr=False)
+    vocabulary: VocabularyMatch | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.vocab_size is None:
             self.vocab_size = len(self.tokenizer)
+        if self.cross_tokenizer and self.teacher is None:
+            raise ValueError("A pair across tokenizers needs the teacher model: a top-k cache holds ids of the "
+                             "teacher's tokenizer, which the student's cannot read.")
+        if self.cross_tokenizer and self.vocabulary is None:
+            self.vocabulary = match_vocabularies(self.teacher_tokenizer, self.tokenizer)
+        teacher_vocab = len(self.teacher_tokenizer) if self.cross_tokenizer else self.vocab_size
         if self.source is None:
             if self.teacher is None:
                 raise ValueError("ModelPair needs a teacher model, or source= a kdviz.teachers.CachedTeacher.")
-            self.source = LiveTeacher(self.teacher, vocab_size=self.vocab_size, name=self.teacher_name)
+            self.source = LiveTeacher(self.teacher, vocab_size=teacher_vocab, name=self.teacher_name)
         self.teacher_name = self.teacher_name or self.source.name
         self.student_name = self.student_name or getattr(self.student.config, "name_or_path", "") or "student"
-        for role, model in (("teacher", self.teacher), ("student", self.student)):
-            rows = model.get_output_embeddings().weight.shape[0] if model is not None else self.vocab_size
-            if rows < self.vocab_size:
+        sides = (("teacher", self.teacher, teacher_vocab), ("student", self.student, self.vocab_size))
+        for role, model, vocab in sides:
+            rows = model.get_output_embeddings().weight.shape[0] if model is not None else vocab
+            if rows < vocab:
                 raise ValueError(
-                    f"The {role} has {rows} output rows but the tokenizer has {self.vocab_size} tokens; "
+                    f"The {role} has {rows} output rows but the tokenizer has {vocab} tokens; "
                     "its logits cannot cover the vocabulary. Use the tokenizer the model was trained with."
                 )
+
+    @property
+    def cross_tokenizer(self) -> bool:
+        """Whether teacher and student have different tokenizers (their ids mean different text)."""
+        return self.teacher_tokenizer is not None
+
+    def check_shared_tokenizer(self, what: str) -> None:
+        """ValueError when `what` (an analysis or objective that compares the models id by id) meets a pair across
+        tokenizers."""
+        if self.cross_tokenizer:
+            raise ValueError(
+                f"{what} compares the teacher's and the student's distributions token by token over one vocabulary, "
+                f"but {self.teacher_name} and {self.student_name} have different tokenizers "
+                f"({self.vocabulary.describe()}). Use a teacher and student of one tokenizer family; kdviz.align "
+                "aligns this pair's tokens by bytes.")
 
     @property
     def device(self) -> torch.device:
@@ -107,7 +141,9 @@ class ModelPair:
         """Whether the fused-linear paths apply: both heads are plain linear maps of the last hidden state."""
         return self.source.linear_with(self.student)
 
-    def _check_length(self, input_ids: Tensor) -> None:
+    def _check_batch(self, input_ids: Tensor) -> None:
+        """ValueError when one batch of ids cannot go to both models: other tokenizers, or past the context."""
+        self.check_shared_tokenizer("Running both models on one batch of ids")
         if self.max_length and input_ids.shape[1] > self.max_length:
             raise ValueError(
                 f"Cannot run a sequence of {input_ids.shape[1]} tokens: the models' context is only "
@@ -123,7 +159,7 @@ class ModelPair:
     @torch.inference_mode()
     def logits(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """(teacher, student) logits [B, T, V_shared] for a padded batch (either padding side)."""
-        self._check_length(input_ids)
+        self._check_batch(input_ids)
         teacher = model_logits(self._live_teacher(), input_ids, attention_mask)[..., : self.vocab_size]
         student = model_logits(self.student, input_ids, attention_mask)[..., : self.vocab_size]
         return teacher, student
@@ -131,7 +167,7 @@ class ModelPair:
     @torch.inference_mode()
     def hidden(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
         """(teacher, student) last hidden states [B, T, H] (use with `output_head`; no logits are made)."""
-        self._check_length(input_ids)
+        self._check_batch(input_ids)
         return (last_hidden(self._live_teacher(), input_ids, attention_mask),
                 last_hidden(self.student, input_ids, attention_mask))
 
@@ -147,10 +183,12 @@ def load_pair(
 ) -> ModelPair:
     """Load teacher and student (hub id, local folder, .gguf file or ``zoo:`` name) in eval mode.
 
-    cuda with bf16 when there is a GPU, else cpu with fp32. The two tokenizers must map text
-    to the same ids; padded vocab sizes that differ within a family (151936 vs 152064) are
-    aligned to the shared tokenizer's vocabulary. With `teacher_cache` (a folder made by
-    `kdviz teacher-cache`) and teacher=None, the teacher is read from the cache instead of run.
+    cuda with bf16 when there is a GPU, else cpu with fp32. Padded vocab sizes that differ
+    within a family (151936 vs 152064) are aligned to the shared tokenizer's vocabulary. Models
+    whose tokenizers map text to different ids load as a pair across tokenizers (it says so on
+    stderr, with both vocabulary sizes and the share of the teacher's vocabulary that the
+    student's matches; see `ModelPair`). With `teacher_cache` (a folder made by `kdviz
+    teacher-cache`) and teacher=None, the teacher is read from the cache instead of run.
 
     >>> pair = load_pair("zoo:teacher-l", "zoo:student", device="cpu")
     >>> pair.vocab_size, pair.max_length
@@ -172,8 +210,13 @@ def load_pair(
                          teacher_name=source.name, student_name=str(student), source=source)
     t_model, t_tok = load_model(teacher, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
     s_model, s_tok = load_model(student, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-    vocab = check_same_tokenizer(t_tok, s_tok)
     for model in (t_model, s_model):
         model.requires_grad_(False)
-    return ModelPair(teacher=t_model, student=s_model, tokenizer=s_tok, vocab_size=vocab,
-                     teacher_name=str(teacher), student_name=str(student))
+    if tokenizer_difference(t_tok, s_tok) is None:
+        return ModelPair(teacher=t_model, student=s_model, tokenizer=s_tok, vocab_size=len(t_tok),
+                         teacher_name=str(teacher), student_name=str(student))
+    vocabulary = match_vocabularies(t_tok, s_tok)
+    print(f"kdviz: {teacher} and {student} have different tokenizers: {vocabulary.describe()}. Their tokens are "
+          "aligned by bytes (kdviz.align).", file=sys.stderr)
+    return ModelPair(teacher=t_model, student=s_model, tokenizer=s_tok, teacher_name=str(teacher),
+                     student_name=str(student), teacher_tokenizer=t_tok, vocabulary=vocabulary)

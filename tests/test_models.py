@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from conftest import TEXTS, tiny_gpt2
-from kdviz import load_pair
+from kdviz import analyze, load_pair
 from kdviz.models import fingerprint
 from kdviz.pair import ModelPair, check_same_tokenizer
+from kdviz.train import distill
 from kdviz.zoo.ladder import train_tokenizer
 
 
@@ -19,12 +20,30 @@ def test_load_pair_from_local_folders(pair, tokenizer):
     assert not torch.allclose(teacher, student)
 
 
-def test_different_tokenizers_are_refused(tmp_path, model_dirs):
+def test_different_tokenizers_load_as_a_pair_across_tokenizers_and_say_so(tmp_path, model_dirs, tokenizer, capsys):
     other = train_tokenizer(["completely different text, other merges " * 20, "zzz yyy xxx"], vocab_size=280)
     tiny_gpt2(other).save_pretrained(tmp_path / "other")
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="map the same text to different ids.*same tokenizer"):
-        load_pair(model_dirs["teacher"], tmp_path / "other", device="cpu")
+        check_same_tokenizer(tokenizer, other)
+    pair = load_pair(model_dirs["teacher"], tmp_path / "other", device="cpu")
+    said = capsys.readouterr().err
+    assert pair.cross_tokenizer and pair.tokenizer is not pair.teacher_tokenizer
+    assert pair.vocab_size == len(other) and pair.source.vocab_size == len(tokenizer)
+    assert f"teacher vocabulary {len(tokenizer)}, student vocabulary {len(other)}" in said
+    assert f"({pair.vocabulary.share:.1%})" in said and 0 < pair.vocabulary.share < 1
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(ValueError, match="different tokenizers .*teacher vocabulary"):
+        pair.logits(ids, torch.ones_like(ids))
+    with pytest.raises(ValueError, match="^analyze compares .* different tokenizers"):
+        analyze(pair, TEXTS[:2], progress=False, cache=False)
+    with pytest.raises(ValueError, match="^distill \\(--loss atkd\\) compares"):
+        distill(model_dirs["teacher"], tmp_path / "other", TEXTS[:4], steps=1, device="cpu", progress=False)
+
+
+def test_a_pair_with_one_tokenizer_is_not_across_tokenizers(pair, capsys):
+    assert not pair.cross_tokenizer and pair.vocabulary is None and pair.teacher_tokenizer is None
+    pair.check_shared_tokenizer("analyze")
 
 
 def test_same_ids_but_different_vocab_is_refused(tokenizer):

@@ -115,6 +115,7 @@ def analyze(
     check_options(k=k, split=split, batch_size=batch_size, batch_tokens=batch_tokens, top_k=top_k,
                   temperature=temperature, template=template, padding_side=padding_side)
     check_count(part_tokens, "part_tokens", minimum=1)
+    pair.check_shared_tokenizer("analyze")
     _check_out(data, out)
     if top_k > pair.vocab_size:
         raise ValueError(f"top_k={top_k} exceeds the vocabulary size {pair.vocab_size}.")

@@ -170,6 +170,7 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
         checkpoint = _start_point(out_dir, resume_from_checkpoint, args)
         torch.manual_seed(seed)
         pair = load_pair(teacher, student, teacher_cache=teacher_cache, device=device)
+        pair.check_shared_tokenizer(f"distill (--loss {loss})")
         pair.student.float().requires_grad_(True)
         dataset = tokenize(source, pair.tokenizer, max_length=pair.context(max_length), limit=limit,
                            template=template, truncate=truncate)
