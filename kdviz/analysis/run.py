@@ -26,7 +26,9 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from kdviz import distributed
+from kdviz.analysis.crosstok import analyze_aligned
 from kdviz.analysis.frames import Settings, TokenTexts, part_frame
+from kdviz.analysis.grouptable import GroupTable
 from kdviz.analysis.store import (cached_table, deliver, entry_key, entry_lock, merge, part_is_done, spare_folder,
                                   work_folder)
 from kdviz.analysis.table import META_KEY, TABLE_FORMAT, TokenTable
@@ -80,8 +82,12 @@ def analyze(
     generate: str | None = None,
     sampling: Sampling | None = None,
     **fields,
-) -> TokenTable:
+) -> TokenTable | GroupTable:
     """Run teacher and student over `data` and return a `TokenTable`, one row per predicted token.
+
+    For a pair with different tokenizers (`pair.cross_tokenizer`) it returns a `GroupTable` instead, one row
+    per aligned group of each response (`kdviz.analysis.crosstok`): the options apply as here, but nothing
+    is cached, and generate, top_k columns and a teacher cache are not available there.
 
     Args:
         pair: from `kdviz.load_pair` (with `teacher_cache=` the teacher is read from a
@@ -115,7 +121,13 @@ def analyze(
     check_options(k=k, split=split, batch_size=batch_size, batch_tokens=batch_tokens, top_k=top_k,
                   temperature=temperature, template=template, padding_side=padding_side)
     check_count(part_tokens, "part_tokens", minimum=1)
-    pair.check_shared_tokenizer("analyze")
+    if pair.cross_tokenizer:
+        if generate is not None:
+            raise ValueError(f"generate={generate!r} is not available for a pair with different tokenizers yet: "
+                             "analysis across tokenizers aligns the data's own responses. Leave generate out.")
+        return analyze_aligned(pair, data, k=k, split=split, batch_size=batch_size, batch_tokens=batch_tokens,
+                               temperature=temperature, padding_side=padding_side, max_length=max_length,
+                               limit=limit, template=template, out=out, progress=progress, **fields)
     _check_out(data, out)
     if top_k > pair.vocab_size:
         raise ValueError(f"top_k={top_k} exceeds the vocabulary size {pair.vocab_size}.")

@@ -13,9 +13,10 @@ from kdviz.data.examples import (IGNORE_INDEX, Example, TokenDataset, example_ke
                                  usable_context)
 from kdviz.data.read import ZOO_DATASETS, Record, Source, read_data, read_jsonl
 from kdviz.data.templates import TEMPLATES, check_template, format_record, resolve_template, stop_ids
-from kdviz.data.tokenizing import from_files, from_records, from_texts, load_data, tokenize, zoo_dataset
+from kdviz.data.tokenizing import (encode_segments, from_files, from_records, from_texts, load_data, tokenize,
+                                    zoo_dataset, zoo_source)
 
 __all__ = ["IGNORE_INDEX", "TEMPLATES", "ZOO_DATASETS", "Batch", "Example", "Record", "Source", "TokenDataset",
-           "check_template", "collate", "example_key", "format_record", "from_files", "from_records", "from_texts",
-           "load_data", "pad_id", "read_data", "read_jsonl", "resolve_template", "stop_ids", "target_positions", "tokenize",
-           "usable_context", "zoo_dataset"]
+           "check_template", "collate", "encode_segments", "example_key", "format_record", "from_files", "from_records",
+           "from_texts", "load_data", "pad_id", "read_data", "read_jsonl", "resolve_template", "stop_ids",
+           "target_positions", "tokenize", "usable_context", "zoo_dataset", "zoo_source"]

@@ -121,6 +121,23 @@ def from_jsonl(path: str | os.PathLike, tokenizer, *, max_length: int, **options
 
 
 
+def zoo_source(name: str) -> Source:
+    """A zoo dataset read but not tokenized: held-out stdlib texts (`zoo:code`) or records (`zoo:docstrings`,
+    `zoo:topics`); see `zoo_dataset`."""
+    if name not in ZOO_DATASETS:
+        raise ValueError(f"Unknown zoo dataset {name!r}; available: {', '.join(ZOO_DATASETS)}.")
+    if name == "zoo:topics":
+        pairs, instruction, description = topic_pairs(heldout=True), True, "held-out Python reference topics"
+    else:
+        corpus = Corpus.from_stdlib()
+        texts = corpus.texts("heldout")
+        if name == "zoo:code":
+            return Source(texts=list(zip(corpus.heldout, texts)), description="held-out stdlib", zoo=name)
+        pairs, instruction, description = docstring_pairs(texts, corpus.heldout), False, "held-out stdlib"
+    records = [Record(pair["prompt"], pair["response"], "", pair["source"], instruction) for pair in pairs]
+    return Source(records=records, description=description, zoo=name)
+
+
 def zoo_dataset(name: str, tokenizer, *, max_length: int, template: str = "auto", limit: int | None = None
                 ) -> TokenDataset:
     """Held-out data every Python installation has, read at run time.
@@ -131,33 +148,27 @@ def zoo_dataset(name: str, tokenizer, *, max_length: int, template: str = "auto"
     Python reference (`pydoc_data`) as "Explain <title> in Python." -> its first paragraphs
     (instructions). The pair datasets keep the pairs that fit the context.
     """
-    if name not in ZOO_DATASETS:
-        raise ValueError(f"Unknown zoo dataset {name!r}; available: {', '.join(ZOO_DATASETS)}.")
-    if name == "zoo:topics":
-        pairs, instruction, description = topic_pairs(heldout=True), True, "held-out Python reference topics"
-    else:
-        corpus = Corpus.from_stdlib()
-        texts = corpus.texts("heldout")
-        if name == "zoo:code":
-            _no_template_for_text(template, name)
-            return from_texts(texts, tokenizer, max_length=max_length, names=corpus.heldout, limit=limit)
-        pairs, instruction, description = docstring_pairs(texts, corpus.heldout), False, "held-out stdlib"
-    template = resolve_template(template, tokenizer, instruction=instruction)
+    source = zoo_source(name)
+    if source.texts:
+        _no_template_for_text(template, name)
+        return from_texts([t for _, t in source.texts], tokenizer, max_length=max_length,
+                          names=[n for n, _ in source.texts], limit=limit)
+    template = resolve_template(template, tokenizer, instruction=name == "zoo:topics")
     examples = []
-    for pair in pairs:
+    for record in source.records:
         if limit is not None and len(examples) >= limit:
             break
-        record = Record(pair["prompt"], pair["response"], "", pair["source"], instruction)
         try:
             examples.append(pair_example(tokenizer, format_record(record, template, tokenizer), max_length=max_length,
                                          where=record.where, truncate=False))
         except ValueError:  # longer than the context: these datasets keep the pairs that fit
             continue
     kind = "docstring pairs" if name == "zoo:docstrings" else "topic pairs"
-    if pairs and not examples:
-        raise ValueError(f"None of the {len(pairs)} {kind} of {name} fits a context of {max_length} tokens; give a "
-                         "longer --max-length (or none: the models' context).")
-    return TokenDataset(nonempty(examples, name), f"{len(examples)} {kind} from {description}", template=template)
+    if source.records and not examples:
+        raise ValueError(f"None of the {len(source.records)} {kind} of {name} fits a context of {max_length} tokens; "
+                         "give a longer --max-length (or none: the models' context).")
+    return TokenDataset(nonempty(examples, name), f"{len(examples)} {kind} from {source.description}",
+                        template=template)
 
 
 def _no_template_for_text(template: str, description: str) -> None:
