@@ -1,4 +1,5 @@
-"""A self-contained HTML report of a TokenTable (plotly inlined: opens offline, no CDN)."""
+"""A self-contained HTML report of a TokenTable (plotly inlined: opens offline, no CDN), or of a GroupTable (a pair
+across tokenizers: the alignment summary and the groups with the largest TKD, as plain HTML tables)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import polars as pl
 
+from kdviz.analysis.grouptable import GroupTable
 from kdviz.analysis.table import TokenTable
 from kdviz.files import write_text
 
@@ -79,20 +81,50 @@ def worst_tokens_html(table: TokenTable, n: int = 20) -> str:
     return f"<table><tr>{head}</tr>{rows}</table>"
 
 
+def html_table(df: pl.DataFrame) -> str:
+    """`df` as an HTML table: floats to 4 decimals, lists joined by spaces, every cell escaped."""
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}"
+        if isinstance(value, list):
+            return " ".join(f"<code>{html.escape(str(v))}</code>" for v in value)
+        return "-" if value is None else html.escape(str(value))
+
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in df.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in df.iter_rows())
+    return f"<table><tr>{head}</tr>{rows}</table>"
+
+
+def _page(title: str, data: str, body: str) -> str:
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}
+pre{{background:#f6f6f6;padding:1em;white-space:pre-wrap;overflow-wrap:anywhere}}
+table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px}}</style></head>
+<body><h1>{html.escape(title)}</h1><p>Data: {html.escape(data)}</p>
+{body}
+</body></html>"""
+
+
+def write_group_report(table: GroupTable, path: str | os.PathLike, *, worst: int = 30) -> Path:
+    """Write a group table's summary, its means by kind and its `worst` groups by TKD to one HTML file."""
+    meta, summary = table.meta, table.summary()
+    columns = ["source", "text", "kind", "teacher_tokens", "student_tokens", "unc", "tkd", "kl", "t_unmatched", "uld",
+               "hard"]
+    largest = table.df.sort("tkd", descending=True, nulls_last=True).head(worst).select(columns)
+    body = (f"<pre>{html.escape(str(summary))}</pre><h2>By kind</h2>{html_table(summary.kinds)}"
+            f"<h2>Where alignment breaks</h2>{html_table(summary.breaks)}"
+            f"<h2>Groups with the largest TKD</h2>{html_table(largest)}")
+    title = f"kdviz (across tokenizers): {meta.get('teacher', 'teacher')} -> {meta.get('student', 'student')}"
+    return write_text(path, _page(title, str(meta.get("data", "")), body), what="report")
+
+
 def write_report(table: TokenTable, path: str | os.PathLike) -> Path:
     """Write the summary, three figures and the worst tokens to one offline HTML file (renamed into place)."""
     figures = [uncertainty_histogram(table), kl_parts_bar(table), uncertainty_dkd_scatter(table)]
     parts = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
     meta = table.meta
     title = f"kdviz: {meta.get('teacher', 'teacher')} -> {meta.get('student', 'student')}"
-    body = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}
-pre{{background:#f6f6f6;padding:1em;white-space:pre-wrap;overflow-wrap:anywhere}}
-table{{border-collapse:collapse}} td,th{{border:1px solid #ccc;padding:2px 8px}}</style></head>
-<body><h1>{html.escape(title)}</h1><p>Data: {html.escape(str(meta.get('data', '')))}</p>
-<pre>{html.escape(str(table.summary()))}</pre>
-{''.join(parts)}
-<h2>Tokens with the largest KL</h2>{worst_tokens_html(table)}
-</body></html>"""
-    return write_text(path, body, what="report")
+    body = (f"<pre>{html.escape(str(table.summary()))}</pre>\n{''.join(parts)}\n"
+            f"<h2>Tokens with the largest KL</h2>{worst_tokens_html(table)}")
+    return write_text(path, _page(title, str(meta.get("data", "")), body), what="report")

@@ -108,3 +108,25 @@ def test_analyze_generate_prints_the_exposure_bias_and_refuses_a_cache(tmp_path,
             else base
         assert main([*args, *extra, "--out", str(tmp_path / "x.parquet")]) == 2
         assert says in capsys.readouterr().err
+
+
+def test_analyze_across_tokenizers_writes_the_group_table_and_report(tmp_path, capsys):
+    """zoo:smollm2-student (SmolLM2's 49,152-token tokenizer, chat template) teaches zoo:student (8,192 tokens, plain)."""
+    from kdviz.analysis import GroupTable
+
+    out, report = tmp_path / "t.parquet", tmp_path / "r.html"
+    base = ["analyze", "--teacher", "zoo:smollm2-student", "--student", "zoo:student", "--data", "zoo:docstrings",
+            "--limit", "3", "--device", "cpu"]
+    assert main([*base, "--out", str(out), "--report", str(report)]) == 0
+    said = capsys.readouterr()
+    assert "different tokenizers" in said.err and "one-to-one" in said.out and "Where alignment breaks" in said.out
+    table = GroupTable.load(out)
+    assert table.meta["examples"] == 3 and table.df["doc_id"].n_unique() == 3
+    assert f"{table.summary().one_to_one:.1%} one-to-one" in said.out
+    page = report.read_text()
+    assert "Groups with the largest TKD" in page and "merged-one-side" in page
+    assert main([*base, "--template", "chat", "--out", str(tmp_path / "x.parquet")]) == 2  # zoo:student has none
+    assert "needs a tokenizer with a chat template" in capsys.readouterr().err
+    assert main([*base, "--generate", "student", "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "not available for a pair with different tokenizers" in capsys.readouterr().err
+    assert not (tmp_path / "x.parquet").exists()

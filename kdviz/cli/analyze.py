@@ -1,9 +1,11 @@
-"""`kdviz analyze`: per-token uncertainty and TKD/DKD of a pair over a dataset -> a parquet table (+ a report)."""
+"""`kdviz analyze`: per-token uncertainty and TKD/DKD of a pair over a dataset -> a parquet table (+ a report).
+
+A pair with different tokenizers gives a table of aligned groups instead (`kdviz.analysis.crosstok`)."""
 
 from __future__ import annotations
 
 from kdviz import distributed
-from kdviz.analysis import analyze, check_options, exposure_bias
+from kdviz.analysis import GroupTable, analyze, check_options, exposure_bias
 from kdviz.cli.options import (add_analysis_options, add_data_options, add_pair_options, check_suffix, command,
                                data_path, fields)
 from kdviz.data import read_data
@@ -11,12 +13,13 @@ from kdviz.files import check_distinct, check_writable
 from kdviz.generation import SOURCES, Sampling
 from kdviz.models import resolve_device
 from kdviz.pair import load_pair
-from kdviz.report import write_report
+from kdviz.report import write_group_report, write_report
 
 
 def add_parser(commands) -> None:
     parser = command(commands, "analyze", "per-token uncertainty and TKD/DKD of a teacher/student pair")
-    add_pair_options(parser, student_help="student model (same tokenizer as the teacher)", cache=True)
+    add_pair_options(parser, student_help="student model (with another tokenizer than the teacher's, the table has one row per "
+                      "aligned group)", cache=True)
     parser.add_argument("--out", required=True, help="where to write the token table (.parquet)")
     parser.add_argument("--report", default=None, help="also write an offline HTML report here (.html)")
     add_data_options(parser)
@@ -62,6 +65,8 @@ def run(args) -> None:
                     sampling=sampling)
     if not distributed.world().is_main:
         return
+    if isinstance(table, GroupTable):
+        return print_groups(table, args)
     print(table.summary())
     if args.generate is not None:
         print(f"\n{exposure_bias(table)}")
@@ -71,3 +76,11 @@ def run(args) -> None:
     print(f"\nToken table ({len(table):,} rows): {args.out}")
     if args.report:
         print(f"Report: {write_report(table, args.report)}")
+
+
+def print_groups(table: GroupTable, args) -> None:
+    """The summary of a pair across tokenizers, where its table went, and its report."""
+    print(table.summary())
+    print(f"\nGroup table ({len(table):,} aligned groups of {table.meta['examples']} examples): {args.out}")
+    if args.report:
+        print(f"Report (summary and the groups with the largest TKD): {write_group_report(table, args.report)}")
