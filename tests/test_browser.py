@@ -183,7 +183,7 @@ def run_notebook(page, lab: Lab, name: str) -> None:
             break
         except Exception:
             continue
-    page.wait_for_function(DONE_OR_FAILED_JS, timeout=180_000)
+    page.wait_for_function(DONE_OR_FAILED_JS, timeout=360_000)  # the real pair, on a shared 2-core machine
     errors = page.locator(".jp-OutputArea-output[data-mime-type*='error']")
     assert errors.count() == 0, errors.first.inner_text()
 

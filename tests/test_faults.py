@@ -86,7 +86,10 @@ write_with(sys.argv[1], slow)
 def test_a_process_killed_while_writing_leaves_the_old_file(tmp_path, sig):
     target = tmp_path / "table.parquet"
     target.write_bytes(b"the good table")
-    child = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(target)])
+    # (a background job of a non-interactive shell starts with SIGINT ignored, and a child inherits that: give the
+    # child the default disposition, so Python installs its Ctrl-C handler as in a terminal)
+    child = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(target)],
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not list(tmp_path.glob("table.parquet.kdviz-tmp-*")) and time.time() < deadline:
         time.sleep(0.05)
@@ -509,9 +512,10 @@ def test_a_signal_arriving_while_an_interrupt_is_reported_still_exits_130_with_t
 
     monkeypatch.setitem(cli.HANDLERS, "analyze", interrupted_analysis)
     monkeypatch.setattr(sys, "stderr", stderr)
+    before = signal.getsignal(signal.SIGINT)  # (Python's handler; SIG_IGN in a background job of a script)
     code = main(["analyze", "--teacher", "t", "--student", "s", "--data", "d", "--out", "t.parquet"])
     assert code == 130 and "kdviz analyze: interrupted" in stderr.text and "finished parts are kept" in stderr.text
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers are put back
+    assert signal.getsignal(signal.SIGINT) is before  # handlers are put back
 
 
 def test_a_full_cache_disk_while_parts_are_written_sends_them_beside_out(pair, tmp_path, monkeypatch):
