@@ -129,16 +129,19 @@ QUESTIONS = (
 
 
 def teaching_mode_study(teacher: str, student: str, data, *, losses=ABLATIONS, seeds=(0, 1, 2), steps: int = 100,
-                        cache_dir: str | Path, top_k: int = 64, probe_every: int | None = None, callbacks=None,
+                        cache_dir: str | Path, top_k: int | None = 64, probe_every: int | None = None, callbacks=None,
                         **distill_options) -> pl.DataFrame:
-    """The paper's teaching-mode ablations (plus fkl and atkd), distilled from a top-k cache of `teacher`, each
-    loss with each seed and the same budget; one row per run with the held-out metrics and the token outcomes
-    (mean change in KL of the hard and of the easy probe tokens, shares learned and made worse)."""
-    cache = teacher_cache_for(teacher, student, data, cache_dir, top_k=top_k, **distill_options)
+    """The paper's teaching-mode ablations (plus fkl and atkd), distilled from a top-k cache of `teacher` (or from
+    the live teacher with `top_k=None`: no top-k approximation of DKD), each loss with each seed and the same
+    budget; one row per run with the held-out metrics and the token outcomes (mean change in KL of the hard and
+    of the easy probe tokens, shares learned and made worse)."""
+    cache = None if top_k is None else teacher_cache_for(teacher, student, data, cache_dir, top_k=top_k,
+                                                         **distill_options)
     rows = []
     for seed in seeds:
         for loss in losses:
-            result = distill(None, student, data, loss=loss, steps=steps, seed=seed, teacher_cache=cache,
+            result = distill(None if cache else teacher, student, data, loss=loss, steps=steps, seed=seed,
+                             teacher_cache=cache,
                              probe_every=probe_every or max(1, steps // 10), callbacks=callbacks, **distill_options)
             rows.append({**result.row(), "seed": seed, **token_outcomes(result)})
     return pl.DataFrame(rows)
