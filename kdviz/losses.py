@@ -81,6 +81,11 @@ class KDLoss:
         return OBJECTIVES[self.name]
 
     @property
+    def self_normalised(self) -> bool:
+        """Whether the token losses carry their own 1/group-size weights (ATKD, teaching modes)."""
+        return self.objective.self_normalised
+
+    @property
     def ce_weight(self) -> float:
         """The cross-entropy weight the objective itself asks for (a teaching mode's `W*ce` term), else 0."""
         return parse_mode(self.params["spec"]).ce if self.name == "modes" else 0.0

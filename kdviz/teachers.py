@@ -6,7 +6,8 @@ need and never ask which kind it is:
 - `table_rows(example)` and `analysis_targets(batch)`: which positions get a row (a live teacher
   scores every position; a cache holds the target tokens only);
 - `decompose(student, batch, keys, ...)`: the per-token statistics against a student;
-- `top1(batch, keys)`: the teacher's top choice at each target (agreement at evaluation);
+- `top1(batch, keys)`: the teacher's top choice at each target (agreement at evaluation), or None
+  where the teacher's ids cannot be compared with the student's (`kdviz.train.aligned`);
 - `prepare(...)` and `loss(...)`: one training micro-batch, teacher side first (no gradient),
   then the student's loss against it.
 
@@ -41,6 +42,7 @@ class TeacherSide:
     unc: Tensor  # [N] teacher uncertainty of the targets, in row-major order
     hidden: Tensor | None = None  # [B, T-1, H_t] final hidden states (a live teacher on the fused-linear path)
     rows: TopKRows | None = None  # the targets' top-k rows (a cached teacher)
+    merged: Tensor | None = None  # [P, V_t] merged log-probs of the aligned groups (a teacher across tokenizers)
 
 
 class Teacher(Protocol):
@@ -70,7 +72,7 @@ class Teacher(Protocol):
     def decompose(self, student: nn.Module, batch: Batch, keys: list[int], *, linear: bool, temperature: float,
                   top_k: int) -> TokenStats: ...
 
-    def top1(self, batch: Batch, keys: list[int]) -> Tensor: ...
+    def top1(self, batch: Batch, keys: list[int]) -> Tensor | None: ...
 
     def prepare(self, kd: KDLoss, batch: dict, *, linear: bool) -> TeacherSide: ...
 

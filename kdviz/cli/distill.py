@@ -14,7 +14,8 @@ from kdviz.train import LOSSES, distill
 
 def add_parser(commands) -> None:
     distill = command(commands, "distill", "fine-tune the student from the teacher with a KD objective")
-    add_pair_options(distill, student_help="student model to fine-tune (same tokenizer)", cache=True)
+    add_pair_options(distill, student_help="student model to fine-tune (another tokenizer: --loss uld or gold)",
+                     cache=True)
     distill.add_argument("--out", required=True, help="folder for the fine-tuned student (HF format) and metrics.json")
     distill.add_argument("--loss", default="atkd", help=f"{', '.join(LOSSES)} (default atkd), or a teaching mode: token sets all/hard/easy x parts "
                               "tkd/dkd/u*dkd/kl, weighted and summed, e.g. \"0.2*easy:dkd + 0.8*hard:tkd+dkd\" (= atkd), "
@@ -84,14 +85,17 @@ def run(args) -> None:
               f"and {Path(args.out) / 'metrics.json'} (marked interrupted). Continue with:\n  {_resume_command()}"
               f"{_launcher_note(result.settings)}", file=sys.stderr)
         raise SystemExit(130)
-    rouge = {name: "n/a" if r.rouge_l is None else f"{r.rouge_l:.3f}" for name, r in
-             (("before", result.before), ("after", result.after))}
+    shown = lambda value: "n/a" if value is None else f"{value:.3f}"  # noqa: E731
+    rouge = {name: shown(r.rouge_l) for name, r in (("before", result.before), ("after", result.after))}
     start = result.settings["resumed_from_step"]
     done = f"steps {start + 1}-{args.steps} (resumed from checkpoint-{start})" if start else f"{args.steps} steps"
     print(f"\n{args.loss} on {result.settings['data']}: {done} in {result.train_seconds:.0f} s")
     print(f"{'':8}{'eval loss':>10}{'agreement':>11}{'ROUGE-L':>9}")
     for name, r in (("before", result.before), ("after", result.after)):
-        print(f"{name:8}{r.loss:>10.3f}{r.agreement:>11.3f}{rouge[name]:>9}")
+        print(f"{name:8}{r.loss:>10.3f}{shown(r.agreement):>11}{rouge[name]:>9}")
+    if result.before.agreement is None:
+        print("(agreement: n/a, the teacher's and the student's tokenizers differ, so their top tokens are not "
+              "comparable id by id)")
     if "generation_seconds" in result.settings:
         s = result.settings
         share = s["generation_seconds"] / max(result.train_seconds, 1e-9)

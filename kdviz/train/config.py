@@ -9,9 +9,11 @@ from transformers import TrainingArguments
 from kdviz.checks import check_choice, check_count, check_fraction, check_non_negative, check_positive, is_real
 from kdviz.generation import Sampling
 from kdviz.losses import OBJECTIVES, get_loss
+from kdviz.maths.crossloss import OBJECTIVES as CROSS_LOSSES
+from kdviz.maths.crossloss import loss_across
 from kdviz.maths.modes import PRESETS, is_mode
 
-LOSSES = (*(name for name in OBJECTIVES if name != "modes"), "okd")
+LOSSES = (*(name for name in OBJECTIVES if name != "modes"), "okd", *CROSS_LOSSES)
 ATKD_SPLITS = ("global", "micro_batch")
 
 
@@ -19,7 +21,9 @@ ATKD_SPLITS = ("global", "micro_batch")
 class DistillConfig(TrainingArguments):
     """Training arguments plus the distillation settings (all validated in `__post_init__`)."""
 
-    loss: str = field(default="atkd", metadata={"help": f"KD objective: one of {', '.join(LOSSES)}."})
+    loss: str = field(default="atkd", metadata={
+        "help": f"KD objective: one of {', '.join(LOSSES)}. {' and '.join(CROSS_LOSSES)} distil across tokenizers "
+                "(kdviz.maths.crossloss, TRL GOLD's defaults) and need training examples built for both tokenizers."})
     loss_params: dict = field(default_factory=dict, metadata={
         "help": "Parameters of the objective, e.g. {'lam': 0.2, 'k': 0.5} for atkd (see kdviz.losses.OBJECTIVES)."})
     ce_weight: float = field(default=0.0, metadata={
@@ -94,6 +98,10 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"{name('on_policy')} is the probability of an on-policy step and must be in [0, 1], got "
                              f"{self.on_policy!r} (CLI: --on-policy).")
         self.rollout_sampling()  # range-checks the rollout_* settings
+        if self.loss in CROSS_LOSSES and (self.on_policy > 0 or self.seq_kd):
+            raise ValueError(f"loss={self.loss!r} compares the teacher and the student on both tokenizations of each "
+                             "response, which generated responses (on_policy, seq_kd) do not have yet; train on the "
+                             "data's responses (on_policy=0, seq_kd=False).")
         check_positive(self.learning_rate, "The learning rate", hint="(CLI: --lr)")
         if self.okd_learning_rate is not None:
             check_positive(self.okd_learning_rate, name("okd_learning_rate"), hint="(or None: the learning rate)")
@@ -109,7 +117,9 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"The seed must be an integer in [0, 2**32), got {self.seed!r} (CLI: --seed).")
 
     def kd_loss(self):
-        """The configured objective (for OKD, its base objective)."""
+        """The configured objective (for OKD, its base objective; for uld and gold, a `LossAcross`)."""
+        if self.loss in CROSS_LOSSES:
+            return loss_across(self.loss, **self.loss_params)
         return get_loss(self.okd_base if self.loss == "okd" else self.loss, **self.loss_params)
 
     def rollout_sampling(self) -> Sampling:

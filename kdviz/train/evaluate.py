@@ -17,7 +17,7 @@ class EvalResult:
     """Held-out student loss, top-1 agreement with the teacher, ROUGE-L of greedy continuations."""
 
     loss: float
-    agreement: float
+    agreement: float | None  # None across tokenizers (their ids are not comparable)
     rouge_l: float | None  # None when the data has no prompt/response examples
     tokens: int
 
@@ -54,10 +54,11 @@ def rouge_l(student, tokenizer, examples, *, max_new_tokens: int) -> float | Non
 
 def evaluate_student(pair: ModelPair, dataset, *, batch_size: int = 8, generate_examples: int = 16,
                      max_new_tokens: int = 48) -> EvalResult:
-    """Score the pair's student on held-out examples (the teacher is the reference for agreement)."""
+    """Score the pair's student on held-out examples (the teacher is the reference for agreement, which is None
+    when the teacher's ids are not comparable with the student's)."""
     was_training = pair.student.training
     pair.student.eval()
-    loss_sum, agree, count = 0.0, 0, 0
+    loss_sum, agree, count, compared = 0.0, 0, 0, True
     for start in range(0, len(dataset), batch_size):
         examples = list(dataset[start : start + batch_size])
         batch = collate(examples, pad_id=pad_id(pair.tokenizer))
@@ -66,13 +67,15 @@ def evaluate_student(pair: ModelPair, dataset, *, batch_size: int = 8, generate_
         valid = labels != IGNORE_INDEX
         with torch.no_grad():
             student = model_logits(pair.student, ids, mask)[:, :-1, : pair.vocab_size]  # t predicts label t + 1
-        teacher_top1 = pair.source.top1(batch, [example_key(ex) for ex in examples]).to(pair.device)
+        teacher_top1 = pair.source.top1(batch, [example_key(ex) for ex in examples])
         loss_sum += float(F.cross_entropy(student[valid].float(), labels[valid], reduction="sum"))
-        agree += int((student[valid].argmax(-1) == teacher_top1).sum())
+        if teacher_top1 is not None:
+            agree += int((student[valid].argmax(-1) == teacher_top1.to(pair.device)).sum())
+        compared = compared and teacher_top1 is not None
         count += int(valid.sum())
     examples = list(dataset)[:generate_examples]
     score = rouge_l(pair.student, pair.tokenizer, examples, max_new_tokens=max_new_tokens) if examples else None
     pair.student.train(was_training)
-    return EvalResult(loss_sum / max(1, count), agree / max(1, count), score, count)
+    return EvalResult(loss_sum / max(1, count), agree / max(1, count) if compared else None, score, count)
 
 

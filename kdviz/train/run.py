@@ -20,6 +20,8 @@ from kdviz.distributed import barrier, broadcast, check_agree, world
 from kdviz.files import check_writable, expand, staged_folder, write_text, writer_lock
 from kdviz.models import resolve_device
 from kdviz.pair import ModelPair, load_pair
+from kdviz.teachers import Teacher
+from kdviz.train.aligned import AlignedTeacher, aligned_dataset, check_cross_run, check_pair_loss
 from kdviz.train.checkpoints import (EVAL_BEFORE, check_fresh, check_inputs, checkpoint_step, checkpoints,
                                      resume_point, run_inputs)
 from kdviz.train.config import DistillConfig, run_settings
@@ -161,6 +163,7 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
     args = _config(str(out_dir or scratch), loss=loss, steps=steps, batch_size=batch_size,
                    learning_rate=learning_rate, seed=seed, device=device, save_steps=save_steps, progress=progress,
                    **config)  # settings checked before anything is loaded
+    check_cross_run(loss, teacher_cache=teacher_cache, probe_every=probe_every)
     source = read_data(data, limit=limit, prompt_field=prompt_field, response_field=response_field,
                        context_field=context_field)
     if out_dir is not None:
@@ -170,12 +173,12 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
         checkpoint = _start_point(out_dir, resume_from_checkpoint, args)
         torch.manual_seed(seed)
         pair = load_pair(teacher, student, teacher_cache=teacher_cache, device=device)
-        pair.check_shared_tokenizer(f"distill (--loss {loss})")
+        check_pair_loss(pair, loss)
         pair.student.float().requires_grad_(True)
-        dataset = tokenize(source, pair.tokenizer, max_length=pair.context(max_length), limit=limit,
-                           template=template, truncate=truncate)
+        dataset, teacher_side = _training_data(pair, source, template=template, max_length=max_length, limit=limit,
+                                               truncate=truncate)
         train, evaluation = split_data(dataset, eval_size=eval_split_size(eval_size, len(dataset)), seed=seed)
-        trainer = DistillTrainer(model=pair.student, source=pair.source, args=args, train_dataset=train,
+        trainer = DistillTrainer(model=pair.student, source=teacher_side, args=args, train_dataset=train,
                                  eval_dataset=evaluation, processing_class=pair.tokenizer, vocab_size=pair.vocab_size,
                                  callbacks=callbacks, generation_context=pair.context(max_length))
         trainer.run_inputs = run_inputs(pair, train, evaluation)
@@ -196,6 +199,17 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
     if scratch:
         shutil.rmtree(scratch, ignore_errors=True)
     return result
+
+
+def _training_data(pair: ModelPair, source, *, template: str, max_length: int | None, limit: int | None,
+                   truncate: bool) -> tuple[TokenDataset, Teacher]:
+    """(the examples, the teacher the trainer asks): the student's tokenization and the pair's teacher, or for a
+    pair across tokenizers examples built for both tokenizers and an `AlignedTeacher`."""
+    if not pair.cross_tokenizer:
+        return tokenize(source, pair.tokenizer, max_length=pair.context(max_length), limit=limit, template=template,
+                        truncate=truncate), pair.source
+    dataset = aligned_dataset(pair, source, template=template, max_length=max_length, limit=limit, truncate=truncate)
+    return dataset, AlignedTeacher(pair.teacher, vocabulary=pair.vocabulary, name=pair.teacher_name)
 
 
 def _start_point(out_dir, resume, args: DistillConfig):

@@ -42,6 +42,8 @@ from kdviz.models import head_is_linear
 from kdviz.pair import ModelPair
 from kdviz.teachers import CachedTeacher, LiveTeacher, Teacher, TeacherSide
 from kdviz.train.checkpoints import write_mark
+from kdviz.maths.crossloss import LossAcross
+from kdviz.train.aligned import AlignedTeacher, teacher_fields
 from kdviz.train.config import DistillConfig, global_batch
 from kdviz.train.evaluate import EvalResult, evaluate_student
 from kdviz.train.okd import OnlineTeacher, load_adapter, save_adapter
@@ -132,10 +134,11 @@ class ExampleStream(torch.utils.data.Dataset):
 
 
 def batch_dict(examples, pad: int) -> dict[str, Tensor]:
-    """The Trainer's batch: padded ids, mask, labels, and each example's key (finds its rows in a teacher cache)."""
+    """The Trainer's batch: padded ids, mask, labels, each example's key (finds its rows in a teacher cache), and
+    for examples across tokenizers the teacher's ids and the aligned groups."""
     batch = collate(examples, pad_id=pad)
     return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels,
-            "cache_key": torch.tensor([example_key(ex) for ex in examples])}
+            "cache_key": torch.tensor([example_key(ex) for ex in examples]), **teacher_fields(examples)}
 
 
 class DistillTrainer(Trainer):
@@ -197,6 +200,10 @@ class DistillTrainer(Trainer):
 
     def _online(self, source: Teacher):
         """(the teacher as the loss sees it, OKD's adapter or None); checks that the data fits a cached teacher."""
+        if isinstance(self.kd, LossAcross) != isinstance(source, AlignedTeacher):
+            raise ValueError(f"loss={self.args.loss!r} does not fit the teacher {source.name}: uld and gold need a "
+                             "teacher with its own tokenizer (source=kdviz.train.aligned.AlignedTeacher(...)), the "
+                             "other losses a teacher that shares the student's.")
         if self.train_examples is not None:
             source.check_data(self.train_examples, self.processing_class, temperature=self.kd.params["temperature"])
         if self.args.loss != "okd":
@@ -294,7 +301,7 @@ class DistillTrainer(Trainer):
                         for b in batches]
         unc, micro_batches = gather_tokens(torch.cat([p.side.unc for p in prepared]), len(prepared))
         log_split = TokenSplit.over(unc, self.args.log_fraction)
-        if self.kd.objective.self_normalised:
+        if self.kd.self_normalised:
             for p in prepared:
                 p.split = log_split if self.args.atkd_split == "global" else scaled_split(
                     TokenSplit.over(p.side.unc, self.kd.params["k"]), micro_batches)
