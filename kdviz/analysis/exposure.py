@@ -36,7 +36,7 @@ class ExposureBias:
 
     def __str__(self) -> str:
         with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, float_precision=4,
-                       tbl_rows=100):
+                       tbl_rows=100, tbl_cols=-1, tbl_width_chars=200):
             return (f"Exposure bias over {self.prompts} prompts with both a data response and a generated one\n"
                     f"{self.overall}\nalong the response (token index within it)\n{self.along}")
 
