@@ -179,7 +179,8 @@ def run_notebook(page, lab: Lab, name: str) -> None:
         page.get_by_role("menuitem", name="Run", exact=True).click()
         page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
         try:
-            page.wait_for_function("p => p.textContent !== '[ ]:'", arg=prompts.first.element_handle(), timeout=10_000)
+            page.wait_for_function("p => p.textContent !== '[ ]:'", arg=prompts.first.element_handle(),
+                                   timeout=30_000)  # (a busy machine starts the first cell late)
             break
         except Exception:
             continue
