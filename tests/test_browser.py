@@ -25,6 +25,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from kdviz.files import cache_root
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -112,7 +114,12 @@ def lab(sync_api, tmp_path_factory):
     (state / "config" / "labconfig").mkdir(parents=True)  # no "get Jupyter news?" toast over the page
     (state / "config" / "labconfig" / "page_config.json").write_text(
         json.dumps({"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
-    env = dict(os.environ, KDVIZ_CACHE_DIR=str(state / "cache"), HF_HUB_OFFLINE="1",
+    cache = state / "cache"  # fresh for analyses; the converted models (the real teacher) are the session's
+    cache.mkdir()
+    for folder in ("zoo", "gguf"):
+        if (cache_root() / folder).is_dir():
+            (cache / folder).symlink_to(cache_root() / folder)
+    env = dict(os.environ, KDVIZ_CACHE_DIR=str(cache), HF_HUB_OFFLINE="1",
                JUPYTER_CONFIG_DIR=str(state / "config"), JUPYTER_RUNTIME_DIR=str(state / "runtime"),
                JUPYTERLAB_WORKSPACES_DIR=str(state / "workspaces"), JUPYTERLAB_SETTINGS_DIR=str(state / "settings"))
     port, token = free_port(), os.urandom(12).hex()
