@@ -24,6 +24,8 @@ from kdviz.analysis.table import TokenTable
 
 EDGES = (0, 8, 16, 32, 64, 128, 256)  # token index within the response: bins [0, 8), [8, 16), ...
 METRICS = ("unc", "kl", "rkl", "tkd", "dkd")
+# the data example a row's response answers: a generated row's source less its "#studentK" / "#teacherK"
+PROMPT = pl.col("source").str.replace(r"#(student|teacher)\d+$", "")
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def exposure_bias(table: TokenTable | pl.DataFrame, *, edges: tuple[int, ...] = 
         raise ValueError("This table has no generated responses (no response_from column): make it with "
                          "kdviz.analyze(..., generate='student') or kdviz analyze --generate student.")
     rows = (frame.filter(pl.col("is_response"))
-            .with_columns(prompt=pl.col("source").str.replace(r"#(student|teacher)\d+$", ""),
+            .with_columns(prompt=PROMPT,
                           index=pl.col("position") - pl.col("position").min().over("doc_id")))
     kinds = rows.group_by("prompt").agg(pl.col("response_from").n_unique().alias("kinds"),
                                         (pl.col("response_from") == "data").any().alias("has_data"))

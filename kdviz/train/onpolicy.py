@@ -13,7 +13,7 @@ and a resumed run continues exactly as the uninterrupted one.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import xxhash
@@ -73,8 +73,7 @@ class Rollouts:
             self.history.append(StepRollouts("data", 0.0, 0, 0))
             return batches
         model = student if writer == "student" else teacher
-        settings = Sampling(**{**self.sampling.as_dict(), "seed": step_seed(seed, step),
-                               "batch_size": self.sampling.batch_size})
+        settings = replace(self.sampling, seed=step_seed(seed, step))
         started, written, tokens = time.perf_counter(), 0, 0
         out = []
         for batch in batches:

@@ -12,6 +12,7 @@ import html
 import ipywidgets as w
 import polars as pl
 
+from kdviz.analysis.exposure import PROMPT
 from kdviz.analysis.table import TokenTable
 from kdviz.widgets.inspector import strip_token, token_detail_html, with_metrics
 from kdviz.widgets.strip import TokenStrip
@@ -30,7 +31,7 @@ PLACEHOLDER = "<i>Click a token of any response to pin the teacher's and the stu
 
 def prompt_column(df: pl.DataFrame) -> pl.DataFrame:
     """The table with `prompt`: the data example a row's response answers (generated rows' source less #writerK)."""
-    return df.with_columns(prompt=pl.col("source").str.replace(r"#(student|teacher)\d+$", ""))
+    return df.with_columns(prompt=PROMPT)
 
 
 def response_label(rows: pl.DataFrame) -> str:
