@@ -110,6 +110,23 @@ def test_analyze_generate_prints_the_exposure_bias_and_refuses_a_cache(tmp_path,
         assert says in capsys.readouterr().err
 
 
+def test_analyze_generate_reads_prompt_only_records(tmp_path, model_dirs, capsys, monkeypatch):
+    monkeypatch.setenv("KDVIZ_CACHE_DIR", str(tmp_path / "cache"))
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Echo {i}"}) + "\n" for i in range(3)))
+    base = ["analyze", "--teacher", str(model_dirs["teacher"]), "--student", str(model_dirs["student"]),
+            "--data", str(data)]
+    assert main([*base, "--generate", "teacher", "--max-new-tokens", "4", "--out", str(tmp_path / "g.parquet")]) == 0
+    said = capsys.readouterr().out
+    assert "Exposure bias over 3 prompts (no data responses" in said
+    table = TokenTable.load(tmp_path / "g.parquet")
+    assert table.df["response_from"].unique().to_list() == ["teacher"] and "3 prompts from" in table.meta["data"]
+    assert main([*base, "--out", str(tmp_path / "x.parquet")]) == 2  # no model to write the responses
+    err = capsys.readouterr().err
+    assert "cannot find prompt/response fields among ['prompt']" in err and "--generate" in err
+    assert "Traceback" not in err and not (tmp_path / "x.parquet").exists()
+
+
 def test_analyze_across_tokenizers_writes_the_group_table_and_report(tmp_path, capsys):
     """zoo:smollm2-student (SmolLM2's 49,152-token tokenizer, chat template) teaches zoo:student (8,192 tokens, plain)."""
     from kdviz.analysis import GroupTable

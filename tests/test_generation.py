@@ -110,3 +110,30 @@ def test_generation_refuses_a_teacher_cache(pair, tmp_path):
     cached = kdviz.load_pair(None, "zoo:student", teacher_cache=tmp_path / "cache", device="cpu")
     with pytest.raises(ValueError, match="need the live teacher to score them"):
         kdviz.analyze(cached, "zoo:docstrings", limit=2, generate="student", progress=False)
+
+
+def test_prompt_only_records_get_the_same_generated_rows_and_no_data_rows(pair, tmp_path):
+    import polars as pl
+
+    import kdviz
+    from kdviz.analysis import exposure_bias
+
+    full = [{"prompt": f"def f{i}(x):\n    \"\"\"Return x plus {i}.\"\"\"", "response": f"    return x + {i}\n"}
+            for i in range(3)]
+    prompts = [{"prompt": r["prompt"]} for r in full[:2]] + [{"prompt": full[2]["prompt"], "response": ""}]
+    sampling = Sampling(max_new_tokens=6, samples_per_prompt=2, seed=1)
+    with_data, alone = (kdviz.analyze(pair, records, generate="student", sampling=sampling, cache_dir=tmp_path,
+                                      progress=False).df for records in (full, prompts))
+    assert alone["response_from"].unique().to_list() == ["student"]  # no data rows: there was no data response
+    generated = with_data.filter(pl.col("response_from") == "student")
+    for column in ("token_id", "source", "sample", "hard"):
+        assert generated[column].to_list() == alone[column].to_list(), column  # the same responses, split alike
+    for column in ("unc", "kl", "rkl"):  # (batched with other examples: float rounding only)
+        assert (generated[column] - alone[column]).abs().max() < 1e-5, column
+    summary = exposure_bias(kdviz.TokenTable(alone))
+    assert summary.prompts == 3 and summary.overall["response_from"].to_list() == ["student"]
+    assert "no data responses to compare with" in str(summary)
+    with pytest.raises(ValueError, match=r"list:1: cannot find prompt/response.*--generate"):
+        kdviz.analyze(pair, prompts, progress=False)  # without generate, a record needs its response
+    with pytest.raises(ValueError, match="response is empty.*--generate"):
+        kdviz.analyze(pair, [full[0], prompts[2]], progress=False)

@@ -1,7 +1,8 @@
 """Exposure bias: the same prompts' data responses against responses the student (or teacher) wrote itself.
 
 A table from `analyze(..., generate="student")` holds, per prompt, the data's response and the generated
-ones. `exposure_bias` keeps the prompts that have both and compares the teacher's uncertainty, the KL and
+ones. `exposure_bias` keeps the prompts that have both (all prompts, generated responses alone, when the
+data held prompts only) and compares the teacher's uncertainty, the KL and
 the reverse KL on each kind of response, overall and along the response (by token index bins), which is
 where a student's own continuation leaves the teacher's support.
 
@@ -37,9 +38,12 @@ class ExposureBias:
     prompts: int
 
     def __str__(self) -> str:
+        paired = "data" in self.overall["response_from"].to_list()
+        which = ("prompts with both a data response and a generated one" if paired else
+                 "prompts (no data responses to compare with: the generated responses alone)")
         with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True, float_precision=4,
                        tbl_rows=100, tbl_cols=-1, tbl_width_chars=200):
-            return (f"Exposure bias over {self.prompts} prompts with both a data response and a generated one\n"
+            return (f"Exposure bias over {self.prompts} {which}\n"
                     f"{self.overall}\nalong the response (token index within it)\n{self.along}")
 
 
@@ -63,6 +67,8 @@ def exposure_bias(table: TokenTable | pl.DataFrame, *, edges: tuple[int, ...] = 
     kinds = rows.group_by("prompt").agg(pl.col("response_from").n_unique().alias("kinds"),
                                         (pl.col("response_from") == "data").any().alias("has_data"))
     both = kinds.filter(pl.col("has_data") & (pl.col("kinds") > 1)).select("prompt")
+    if both.select(pl.len()).collect().item() == 0:  # prompt-only data: the generated responses alone
+        both = kinds.select("prompt")
     rows = rows.join(both, on="prompt", how="semi")
     means = [pl.col(m).cast(pl.Float64).mean().alias(m) for m in METRICS]
     overall = (rows.group_by("response_from").agg(pl.col("doc_id").n_unique().alias("responses"),

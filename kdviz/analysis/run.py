@@ -110,6 +110,8 @@ def analyze(
             ones, whose tokens are the targets. The column `response_from` says who wrote a row's response (data,
             student, teacher) and `sample` which sample it is. Generations are kept in the cache, keyed on the
             model's weights, the prompts and the sampling settings. `exposure_bias(table)` compares them.
+            Records may then hold a prompt only (no response field, or an empty one): those prompts get generated
+            responses and no data row.
         fields: prompt_field / response_field / context_field / truncate for record data.
 
     Under torchrun / accelerate launch, each rank analyses its share and rank 0 merges; every
@@ -133,7 +135,7 @@ def analyze(
         raise ValueError(f"top_k={top_k} exceeds the vocabulary size {pair.vocab_size}.")
     here = distributed.init(pair.device)
     dataset = load_data(data, pair.tokenizer, max_length=pair.context(max_length), limit=limit, template=template,
-                        **fields)
+                        need_response=generate is None, **fields)
     pair.source.check_data(dataset, pair.tokenizer, temperature=temperature)
     if generate is not None:
         sampling = sampling or Sampling()

@@ -55,7 +55,8 @@ def run(args) -> None:
                              "holds the teacher on the data's own tokens only. Give --teacher MODEL.")
         sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.sample_temperature, top_p=args.top_p,
                             samples_per_prompt=args.samples_per_prompt, seed=args.seed, batch_size=args.batch_size)
-    source = read_data(args.data, limit=args.limit, **fields(args))  # data checked before any model loads
+    # data checked before any model loads; prompt-only records need a model to write their responses
+    source = read_data(args.data, limit=args.limit, need_response=args.generate is None, **fields(args))
     device = distributed.local_device(resolve_device(args.device))
     pair = load_pair(args.teacher, args.student, teacher_cache=args.teacher_cache, device=device)
     table = analyze(pair, source, k=args.k, split=args.split, batch_size=args.batch_size,

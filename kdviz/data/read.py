@@ -144,14 +144,20 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def _detect_layout(record: dict, where: str) -> tuple[str, str | None, str]:
+def _detect_layout(record: dict, where: str, need_response: bool = True) -> tuple[str, str | None, str]:
     for prompt, context, response in LAYOUTS.values():
         if prompt in record and response in record:
             return prompt, context, response
+    for prompt, context, response in LAYOUTS.values():  # prompt-only records, for responses a model writes
+        if not need_response and prompt in record:
+            return prompt, context, response
     known = "; ".join(f"{k}: {p}/{r}" for k, (p, _, r) in LAYOUTS.items())
+    prompt_only = next((p for p, _, _ in LAYOUTS.values() if p in record), None)
+    hint = (f" It has a prompt ({prompt_only!r}) and no response: to let a model write the responses, analyse with "
+            "generate='student' or 'teacher' (CLI: --generate)." if prompt_only else "")
     raise ValueError(
         f"{where}: cannot find prompt/response fields among {sorted(record)}. Known layouts: {known}. "
-        "Name yours with prompt_field= and response_field= (CLI: --prompt-field/--response-field)."
+        f"Name yours with prompt_field= and response_field= (CLI: --prompt-field/--response-field).{hint}"
     )
 
 
@@ -176,10 +182,11 @@ class Fields:
     response: str | None = None
     context: str | None = None
 
-    def resolve(self, record: dict, where: str) -> tuple[str, str | None, str]:
-        """(prompt, context or None, response) field names for `record`."""
+    def resolve(self, record: dict, where: str, need_response: bool = True) -> tuple[str, str | None, str]:
+        """(prompt, context or None, response) field names for `record` (without `need_response`, the response
+        field may be missing from it)."""
         if self.prompt is None or self.response is None:
-            prompt, context, response = _detect_layout(record, where)
+            prompt, context, response = _detect_layout(record, where, need_response)
             prompt, response = self.prompt or prompt, self.response or response
         else:
             prompt, context, response = self.prompt, None, self.response
@@ -190,14 +197,15 @@ class Fields:
         return prompt, context, response
 
 
-def make_records(raw: list[tuple[str, object]], fields: Fields) -> list[Record]:
-    """Check raw records (dicts with string fields) and pick their prompt/context/response."""
+def make_records(raw: list[tuple[str, object]], fields: Fields, *, need_response: bool = True) -> list[Record]:
+    """Check raw records (dicts with string fields) and pick their prompt/context/response. Without
+    `need_response` (a model writes the responses) a record may have no response: its `response` is ""."""
     records, context_seen = [], fields.context is None
     for where, record in raw:
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object with prompt/response fields, got "
                              f"{type(record).__name__}.")
-        prompt_name, context_name, response_name = fields.resolve(record, where)
+        prompt_name, context_name, response_name = fields.resolve(record, where, need_response)
         if len({prompt_name, context_name, response_name} - {None}) < 2 + (context_name is not None):
             raise ValueError(f"{where}: the prompt, context and response fields must differ, got prompt "
                              f"{prompt_name!r}, context {context_name!r}, response {response_name!r} "
@@ -206,15 +214,24 @@ def make_records(raw: list[tuple[str, object]], fields: Fields) -> list[Record]:
         if context_name is not None and context_name in record:
             context_seen = True
             context = _string_field(record, context_name, where, optional=True)
-        response = _string_field(record, response_name, where)
-        if not response.strip():
-            raise ValueError(f"{where}: the response is empty; every record needs a response to use as targets.")
+        response = _response(record, response_name, where, need_response)
         instruction = any((prompt_name, response_name) == (p, r) for p, c, r in LAYOUTS.values() if c)
         records.append(Record(_string_field(record, prompt_name, where), response, context, where, instruction))
     if records and not context_seen:
         raise ValueError(f"No record has the context field {fields.context!r} (first record has "
                          f"{sorted(raw[0][1])}); check the name (CLI: --context-field) or leave it out.")
     return records
+
+
+def _response(record: dict, name: str, where: str, need_response: bool) -> str:
+    """The record's response; "" for a prompt-only record when responses are not needed."""
+    if not need_response and record.get(name) is None:
+        return ""
+    response = _string_field(record, name, where)
+    if not response.strip() and need_response:
+        raise ValueError(f"{where}: the response is empty; every record needs a response to use as targets (or let "
+                         "a model write them: analyze --generate student|teacher reads prompt-only records).")
+    return response if response.strip() else ""
 
 
 # Files that mark a folder kdviz wrote (a teacher cache, a distill run or checkpoint, a converted model): not data.
@@ -245,7 +262,7 @@ def _folder_files(folder: Path) -> tuple[list[Path], list[Path]]:
     return records, texts
 
 
-def read_path(path: Path, *, limit: int | None, fields: Fields) -> Source:
+def read_path(path: Path, *, limit: int | None, fields: Fields, need_response: bool = True) -> Source:
     if path.exists() and not (path.is_file() or path.is_dir()) and world().size > 1:
         raise SharedError(f"--data {path} is a pipe or a device, and this run has {world().size} processes: each would "
                          "read other chunks of it and train or analyse on other data. Save the data to a file all the "
@@ -268,7 +285,7 @@ def read_path(path: Path, *, limit: int | None, fields: Fields) -> Source:
     if _is_text_rows(raw, fields):
         return Source(texts=[(where, _string_field(r, "text", where)) for where, r in raw],
                       description=f"{len(raw)} texts from {path}")
-    return Source(records=make_records(raw, fields), description=f"{len(raw)} prompt/response pairs from {path}")
+    return _records_source(make_records(raw, fields, need_response=need_response), str(path))
 
 
 def _is_text_rows(raw: list[tuple[str, object]], fields: Fields) -> bool:
@@ -278,12 +295,21 @@ def _is_text_rows(raw: list[tuple[str, object]], fields: Fields) -> bool:
             and not any(p in first and r in first for p, _, r in LAYOUTS.values()))
 
 
+def _records_source(records: list[Record], origin: str) -> Source:
+    prompts_only = sum(not record.response for record in records)
+    what = (f"{len(records)} prompt/response pairs" if not prompts_only else f"{len(records)} prompts" if
+            prompts_only == len(records) else f"{len(records)} records ({prompts_only} without a response)")
+    return Source(records=records, description=f"{what} from {origin}")
+
+
 def read_data(data, *, limit: int | None = None, prompt_field: str | None = None,
-              response_field: str | None = None, context_field: str | None = None) -> Source:
+              response_field: str | None = None, context_field: str | None = None,
+              need_response: bool = True) -> Source:
     """Read and check `data` without a tokenizer (see `load_data` for what it can be).
 
     A string is a path (``~`` expanded) or a zoo name; it must exist. Strings of text go in a
-    list (or contain a newline). Record files stop being read at `limit` records.
+    list (or contain a newline). Record files stop being read at `limit` records. Without
+    `need_response` (a model writes the responses), records may hold a prompt only.
     """
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be an integer >= 1, got {limit!r}.")
@@ -298,7 +324,8 @@ def read_data(data, *, limit: int | None = None, prompt_field: str | None = None
         raise ValueError(f"The data is an empty string ({data!r}); give a file or folder path, a zoo dataset "
                          f"({', '.join(ZOO_DATASETS)}), or, from Python, a list of texts.")
     if isinstance(data, os.PathLike) or (isinstance(data, str) and "\n" not in data):
-        return _no_fields_for_text(read_path(expand(data), limit=limit, fields=fields), fields)
+        return _no_fields_for_text(read_path(expand(data), limit=limit, fields=fields, need_response=need_response),
+                                   fields)
     if isinstance(data, str):
         return _no_fields_for_text(Source(texts=[("text[0]", data)], description="1 text"), fields)
     if isinstance(data, list) and data and all(isinstance(d, str) for d in data):
@@ -307,8 +334,7 @@ def read_data(data, *, limit: int | None = None, prompt_field: str | None = None
     if _is_records(data):
         raw = [(f"{type(data).__name__}:{i + 1}", r) for i, r in enumerate(data)]
         raw = raw[:limit] if limit is not None else raw
-        return Source(records=make_records(raw, fields), description=f"{len(raw)} prompt/response pairs "
-                                                                     f"from {type(data).__name__}")
+        return _records_source(make_records(raw, fields, need_response=need_response), type(data).__name__)
     raise ValueError(
         f"Cannot read data of type {type(data).__name__} ({str(data)[:60]!r}). Give a zoo name "
         "(zoo:code, zoo:docstrings, zoo:topics), a .jsonl/.json/.parquet file, a text file or folder, a list of texts, "

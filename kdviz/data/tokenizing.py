@@ -26,11 +26,19 @@ def encode_segments(tokenizer, segments) -> list[int]:
     return [i for segment in segments for i in encode(tokenizer, segment.text, user=segment.user)]
 
 
-def pair_example(tokenizer, formatted: Formatted, *, max_length: int, where: str, truncate: bool) -> Example:
-    """One prompt/response example: the response's tokens (and EOS when the template adds it) are the targets."""
-    if not formatted.response_text.strip():
-        raise ValueError(f"{where}: the response is empty; every record needs a response to use as targets.")
+def pair_example(tokenizer, formatted: Formatted, *, max_length: int, where: str, truncate: bool,
+                 need_response: bool = True) -> Example:
+    """One prompt/response example: the response's tokens (and EOS when the template adds it) are the targets.
+    Without `need_response`, a record with no response gives its prompt alone (no targets: a model writes one)."""
     prompt_ids = encode_segments(tokenizer, formatted.prompt)
+    if not formatted.response_text.strip():
+        if need_response:
+            raise ValueError(f"{where}: the response is empty; every record needs a response to use as targets (or "
+                             "let a model write them: analyze --generate student|teacher reads prompt-only records).")
+        if len(prompt_ids) >= max_length - 1:
+            raise ValueError(f"{where}: the prompt alone is {len(prompt_ids)} tokens, and the context is {max_length} "
+                             "tokens, so no response token fits. Use a longer --max-length or drop the record.")
+        return Example(prompt_ids, [IGNORE_INDEX] * len(prompt_ids), where)
     response_ids = encode_segments(tokenizer, formatted.response)
     if formatted.eos and tokenizer.eos_token_id is not None:
         response_ids.append(tokenizer.eos_token_id)
@@ -105,13 +113,13 @@ def from_records(records, tokenizer, *, max_length: int, prompt_field: str | Non
 
 
 def _tokenize_records(records: list[Record], tokenizer, *, max_length: int, truncate: bool, template: str,
-                      description: str) -> TokenDataset:
+                      description: str, need_response: bool = True) -> TokenDataset:
     examples, used = [], set()
     for record in records:
         chosen = resolve_template(template, tokenizer, instruction=record.instruction)
         used.add(chosen)
         examples.append(pair_example(tokenizer, format_record(record, chosen, tokenizer), max_length=max_length,
-                                     where=record.where, truncate=truncate))
+                                     where=record.where, truncate=truncate, need_response=need_response))
     return TokenDataset(nonempty(examples, description), description, template="+".join(sorted(used)))
 
 
@@ -178,8 +186,9 @@ def _no_template_for_text(template: str, description: str) -> None:
 
 
 def tokenize(source: Source, tokenizer, *, max_length: int, limit: int | None = None, template: str = "auto",
-             truncate: bool = False) -> TokenDataset:
-    """Format and tokenize what `read_data` read (`limit` examples at most)."""
+             truncate: bool = False, need_response: bool = True) -> TokenDataset:
+    """Format and tokenize what `read_data` read (`limit` examples at most); without `need_response`, a record with
+    no response gives its (formatted) prompt with no targets, for a model to continue."""
     if source.zoo:
         dataset = zoo_dataset(source.zoo, tokenizer, max_length=max_length, template=template, limit=limit)
     elif source.texts:
@@ -190,7 +199,7 @@ def tokenize(source: Source, tokenizer, *, max_length: int, limit: int | None = 
     else:
         records = source.records[:limit] if limit is not None else source.records
         dataset = _tokenize_records(records, tokenizer, max_length=max_length, truncate=truncate, template=template,
-                                    description=source.description)
+                                    description=source.description, need_response=need_response)
     if limit is not None:
         dataset = TokenDataset(dataset.examples[:limit], f"{dataset.description} (first {limit})", dataset.template)
     return dataset
@@ -198,20 +207,22 @@ def tokenize(source: Source, tokenizer, *, max_length: int, limit: int | None = 
 
 def load_data(data, tokenizer, *, max_length: int, limit: int | None = None, template: str = "auto",
               truncate: bool = False, prompt_field: str | None = None, response_field: str | None = None,
-              context_field: str | None = None) -> TokenDataset:
+              context_field: str | None = None, need_response: bool = True) -> TokenDataset:
     """Any supported input as a TokenDataset.
 
     `data` can be a TokenDataset, `zoo:code` / `zoo:docstrings`, a path (``~`` is expanded) to a
     .jsonl / .json / .parquet file of records, a text file, or a folder of one kind of them, a
     list of strings (a string with a newline is taken as text), a list of prompt/response
     dicts, or a Hugging Face `datasets.Dataset` of such records. `limit` keeps the first N
-    examples; `template` formats records (see the module doc).
+    examples; `template` formats records (see the module doc). Without `need_response` (a model
+    writes the responses) records may hold a prompt only.
     """
     if isinstance(data, TokenDataset):
         return data if limit is None else TokenDataset(data.examples[:limit], f"{data.description} (first {limit})",
                                                        data.template)
     source = read_data(data, limit=limit, prompt_field=prompt_field, response_field=response_field,
-                       context_field=context_field)
-    return tokenize(source, tokenizer, max_length=max_length, limit=limit, template=template, truncate=truncate)
+                       context_field=context_field, need_response=need_response)
+    return tokenize(source, tokenizer, max_length=max_length, limit=limit, template=template, truncate=truncate,
+                    need_response=need_response)
 
 
