@@ -29,6 +29,7 @@ from kdviz.cache.format import TeacherCache
 from kdviz.data import IGNORE_INDEX, Batch, Example, TokenDataset, target_positions
 from kdviz.files import warn
 from kdviz.losses import KDLoss, LossParts, TokenSplit
+from kdviz.maths.crossloss import GroupTeacher
 from kdviz.maths.decomposition import TokenStats, decompose, decompose_hidden, decompose_topk
 from kdviz.maths.topk import TopKRows
 from kdviz.models import context_length, final_hidden, fingerprint, head_is_linear, last_hidden, model_logits, \
@@ -43,6 +44,7 @@ class TeacherSide:
     hidden: Tensor | None = None  # [B, T-1, H_t] final hidden states (a live teacher on the fused-linear path)
     rows: TopKRows | None = None  # the targets' top-k rows (a cached teacher)
     merged: Tensor | None = None  # [P, V_t] merged log-probs of the aligned groups (a teacher across tokenizers)
+    groups: GroupTeacher | None = None  # the aligned groups' p(text) and matched rows (cross-atkd)
 
 
 class Teacher(Protocol):

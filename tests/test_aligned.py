@@ -78,7 +78,50 @@ def test_trainer_loss_equals_trls_uld_loss(pair, source, objective):
     torch.testing.assert_close(ours, (torch.stack(per_text) * groups).sum() / groups.sum(), rtol=1e-5, atol=1e-6)
 
 
-def test_layout_does_not_change_the_student(pair, source):
+def reference_cross_atkd(pair, dataset, student, lam=0.2, k=0.5):
+    """ATKD on the analysis's group quantities (`group_stats`: u, TKD, DKD over the matched vocabulary), one
+    plain forward per text and model, split over all the texts' groups."""
+    from kdviz.losses import TokenSplit
+    from kdviz.maths.groups import group_stats
+    from kdviz.maths.split import atkd_weights
+
+    def rows(model, ids):  # row i predicts token i (row 0 unused)
+        ids = torch.tensor([ids])
+        log_probs = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0].float().log_softmax(-1)
+        return torch.cat([log_probs[:1], log_probs[:-1]]), ids[0]
+
+    stats = []
+    for ex in dataset:
+        with torch.no_grad():
+            t_rows, t_ids = rows(pair.teacher, ex.teacher_ids)
+        s_rows, s_ids = rows(student, ex.input_ids)
+        stats.append(group_stats(t_rows[:, : pair.vocabulary.teacher_size], t_ids,
+                                 s_rows[:, : pair.vocabulary.student_size], s_ids, ex.groups,
+                                 pair.vocabulary.student_of_teacher))
+    unc = torch.cat([st.unc for st in stats])
+    weights = atkd_weights(unc, {"lam": lam, "k": k}, split=TokenSplit.over(unc, k))
+    tkd, dkd = torch.cat([st.tkd for st in stats]), torch.cat([st.dkd_matched for st in stats]).nan_to_num(0.0)
+    return (weights[:, 0] * tkd + weights[:, 1] * dkd).sum(), unc
+
+
+def test_cross_atkd_is_atkd_on_the_analysis_group_quantities_values_and_gradients(pair, source):
+    dataset = aligned_dataset(pair, source, limit=4, **OPTIONS)
+    trainer = trainer_for(pair, dataset, loss="cross-atkd")
+    ours = trainer.compute_loss(trainer.model, batch_dict(list(dataset), pad_id(pair.tokenizer)))
+    theirs, unc = reference_cross_atkd(pair, dataset, trainer.model)
+    params = [p for p in trainer.model.parameters()]
+    ours_grad = torch.autograd.grad(ours, params)
+    theirs_grad = torch.autograd.grad(theirs, params)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-7)
+    for a, b in zip(ours_grad, theirs_grad):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    side = trainer.source.prepare(trainer.kd, batch_dict(list(dataset), pad_id(pair.tokenizer)), linear=False)
+    torch.testing.assert_close(side.unc, unc, rtol=1e-5, atol=1e-7)
+    assert 0 < int(side.groups.single.sum()) < len(unc)  # both kinds: groups with DKD and groups with TKD only
+
+
+@pytest.mark.parametrize("objective", ["uld", "cross-atkd"])
+def test_layout_does_not_change_the_student(pair, source, objective):
     """With SGD: ULD's sort makes its gradient jump where two tail probabilities tie, so rounding (other padding)
     can swap a pair's ranks; the gradient moves by about those tiny probabilities, which Adam would scale up to a
     full step for rows that only the tail reaches."""
@@ -86,7 +129,8 @@ def test_layout_does_not_change_the_student(pair, source):
     start = [p.detach().clone() for p in pair.student.parameters()]
     students = []
     for batch, accumulation in ((4, 1), (2, 2)):
-        trainer = trainer_for(pair, dataset, batch=batch, accumulation=accumulation, steps=3, optim="sgd")
+        trainer = trainer_for(pair, dataset, loss=objective, batch=batch, accumulation=accumulation, steps=3,
+                              optim="sgd")
         trainer.train()
         students.append([p.detach() for p in trainer.model.parameters()])
     update = torch.cat([(a - w).flatten() for a, w in zip(students[0], start)]).norm()
@@ -105,7 +149,7 @@ def test_the_data_must_be_built_for_both_tokenizers(pair, source):
 
 def test_losses_that_do_not_fit_the_pair_are_refused(tmp_path):
     options = dict(data="zoo:docstrings", limit=8, steps=1, device="cpu", progress=False)
-    with pytest.raises(ValueError, match="different tokenizers.*--loss uld or --loss gold"):
+    with pytest.raises(ValueError, match="different tokenizers.*--loss uld, gold or cross-atkd"):
         distill("zoo:smollm2-student", "zoo:student", loss="fkl", **options)
     with pytest.raises(ValueError, match="share one tokenizer.*token-level objectives"):
         distill("zoo:teacher-s", "zoo:student", loss="uld", **options)
@@ -115,6 +159,15 @@ def test_losses_that_do_not_fit_the_pair_are_refused(tmp_path):
         DistillConfig(output_dir=str(tmp_path), loss="uld", on_policy=0.5)
     with pytest.raises(ValueError, match=r"Unknown parameter\(s\) \['k'\] for loss 'gold'; allowed: merge, beta"):
         DistillConfig(output_dir=str(tmp_path), loss="gold", loss_params={"k": 0.5})
+    with pytest.raises(ValueError, match=r"\['merge'\] for loss 'cross-atkd'; allowed: teacher_temperature, "
+                                         r"student_temperature, lam, k"):
+        DistillConfig(output_dir=str(tmp_path), loss="cross-atkd", loss_params={"merge": "bayesian"})
+    with pytest.raises(ValueError, match="k \\(the fraction of hard groups\\) must be a number in"):
+        DistillConfig(output_dir=str(tmp_path), loss="cross-atkd", loss_params={"k": 0})
+    with pytest.raises(ValueError, match="uld, gold or cross-atkd.*cross-atkd is ATKD on those groups"):
+        distill("zoo:smollm2-student", "zoo:student", loss="atkd", **options)
+    with pytest.raises(ValueError, match="share one tokenizer"):
+        distill("zoo:teacher-s", "zoo:student", loss="cross-atkd", **options)
 
 
 def test_cli_distils_across_tokenizers(tmp_path, capsys):

@@ -14,7 +14,7 @@ from kdviz.train import LOSSES, distill
 
 def add_parser(commands) -> None:
     distill = command(commands, "distill", "fine-tune the student from the teacher with a KD objective")
-    add_pair_options(distill, student_help="student model to fine-tune (another tokenizer: --loss uld or gold)",
+    add_pair_options(distill, student_help="student model to fine-tune (another tokenizer: --loss uld, gold or cross-atkd)",
                      cache=True)
     distill.add_argument("--out", required=True, help="folder for the fine-tuned student (HF format) and metrics.json")
     distill.add_argument("--loss", default="atkd", help=f"{', '.join(LOSSES)} (default atkd), or a teaching mode: token sets all/hard/easy x parts "

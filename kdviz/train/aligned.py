@@ -7,7 +7,9 @@ The end-of-response tokens form a zero-width group, left out as TRL GOLD skips E
 
 `AlignedTeacher` is the `kdviz.teachers.Teacher` of such a run: `prepare` runs the teacher on its own ids (no
 gradient) and merges its distribution over each group; `loss` runs the student (full logits), merges its side and
-computes `LossAcross` (ULD or GOLD's hybrid) per group. Each micro-batch's loss is its groups' sum over the global
+computes `LossAcross` (ULD or GOLD's hybrid) per group; for cross-atkd, `prepare` keeps each group's
+p(text) and the teacher's matched-vocabulary rows at one-to-one groups, and `loss` weighs the groups' TKD and
+DKD as ATKD does, split on the global batch's group u. Each micro-batch's loss is its groups' sum over the global
 batch's number of groups, so the step's loss is the mean over all its groups whatever the layout. Per text this is
 TRL's `ULDLoss` (which averages each text's groups, then the texts); over a batch, texts weigh by their groups.
 """
@@ -26,7 +28,8 @@ from kdviz.analysis.crosstok import AlignedExample, aligned_examples
 from kdviz.data import IGNORE_INDEX, Batch, Example, Source, TokenDataset, collate
 from kdviz.losses import LossParts, TokenSplit
 from kdviz.maths.crossloss import OBJECTIVES as CROSS_LOSSES
-from kdviz.maths.crossloss import LossAcross, group_uncertainty, merged_losses, merged_side
+from kdviz.maths.crossloss import (LossAcross, atkd_contributions, cat_teachers, group_uncertainty, merged_losses,
+                                   merged_side, per_text, student_terms, teacher_groups)
 from kdviz.models import context_length, fingerprint, model_logits
 from kdviz.teachers import TeacherSide
 
@@ -71,13 +74,14 @@ def teacher_fields(examples: list[Example]) -> dict:
 
 
 def check_pair_loss(pair, loss: str) -> None:
-    """ValueError when the loss does not fit the pair: token-level losses need one tokenizer, uld and gold two."""
+    """ValueError when the loss does not fit the pair: token-level losses need one tokenizer, uld, gold and
+    cross-atkd two."""
     if pair.cross_tokenizer and loss not in CROSS_LOSSES:
         raise ValueError(
             f"--loss {loss} compares the teacher's and the student's distributions token by token over one "
             f"vocabulary, but {pair.teacher_name} and {pair.student_name} have different tokenizers "
-            f"({pair.vocabulary.describe()}). Use --loss uld or --loss gold, which compare the models on groups of "
-            "tokens aligned by bytes.")
+            f"({pair.vocabulary.describe()}). Use --loss uld, gold or cross-atkd, which compare the models on groups "
+            "of tokens aligned by bytes" + (" (cross-atkd is ATKD on those groups)." if loss == "atkd" else "."))
     if not pair.cross_tokenizer and loss in CROSS_LOSSES:
         raise ValueError(
             f"--loss {loss} distils across tokenizers (aligned groups, sorted probabilities), but {pair.teacher_name} "
@@ -133,9 +137,15 @@ class AlignedTeacher:
 
     @torch.no_grad()
     def prepare(self, kd: LossAcross, batch: dict, *, linear: bool) -> TeacherSide:
-        """The teacher's merged distribution [P, V_t] of every group of the micro-batch, and their u [P]."""
+        """The teacher's merged distribution [P, V_t] of every group of the micro-batch (for cross-atkd, its
+        p(text) and matched rows instead), and their u [P]."""
         ids = batch["teacher_input_ids"]
         logits = model_logits(self.module, ids, batch["teacher_attention_mask"])[..., : self.vocab_size]  # (B, T, V_t)
+        if kd.objective == "cross-atkd":
+            side = cat_teachers([teacher_groups(logits[b], ids[b], batch["input_ids"][b], groups,
+                                                self.vocabulary.student_of_teacher, temperature=kd.teacher_temperature)
+                                 for b, groups in enumerate(batch["groups"])])
+            return TeacherSide(-torch.expm1(side.logp), groups=side)
         merged, unc = [], []
         for b, groups in enumerate(batch["groups"]):
             positions = [t for t, _ in groups]
@@ -150,11 +160,24 @@ class AlignedTeacher:
         cross-entropy on its target tokens, summed, over the same count."""
         ids, labels = batch["input_ids"], batch["labels"][:, 1:]
         logits = model_logits(student, ids, batch["attention_mask"])[..., : self.vocabulary.student_size]  # (B, T, V_s)
-        s_merged = torch.cat([merged_side(logits[b], ids[b], [s for _, s in groups], temperature=kd.student_temperature,
-                                          merge=kd.merge) for b, groups in enumerate(batch["groups"])])  # (P, V_s)
-        shares = merged_losses(side.merged, s_merged, loss=kd,
-                               student_of_teacher=self.vocabulary.student_of_teacher) / num_items  # (P,)
+        if kd.objective == "cross-atkd":
+            shares = self._atkd_shares(kd, logits, ids, side, batch["groups"], split)
+        else:
+            s_merged = torch.cat([merged_side(logits[b], ids[b], [s for _, s in groups], merge=kd.merge,
+                                              temperature=kd.student_temperature)
+                                  for b, groups in enumerate(batch["groups"])])  # (P, V_s)
+            shares = merged_losses(side.merged, s_merged, loss=kd,
+                                   student_of_teacher=self.vocabulary.student_of_teacher) / num_items  # (P,)
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                              ignore_index=IGNORE_INDEX, reduction="sum") / num_items
         kd_loss = shares.sum()
         return LossParts(kd_loss + ce_weight * ce, kd_loss.detach(), ce.detach(), shares.detach(), side.unc)
+
+    def _atkd_shares(self, kd: LossAcross, logits: Tensor, ids: Tensor, side: TeacherSide, groups: list,
+                     split: TokenSplit | None) -> Tensor:
+        """Each group's share of the cross-atkd loss [P] (weights from the global batch's `split`)."""
+        terms = [student_terms(teacher, logits[b], ids[b], [s for _, s in groups[b]], self.vocabulary.student_of_teacher,
+                               temperature=kd.student_temperature)
+                 for b, teacher in enumerate(per_text(side.groups, [len(g) for g in groups]))]
+        return atkd_contributions(torch.cat([t for t, _ in terms]), torch.cat([d for _, d in terms]), side.unc, kd,
+                                  split)

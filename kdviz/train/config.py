@@ -22,8 +22,9 @@ class DistillConfig(TrainingArguments):
     """Training arguments plus the distillation settings (all validated in `__post_init__`)."""
 
     loss: str = field(default="atkd", metadata={
-        "help": f"KD objective: one of {', '.join(LOSSES)}. {' and '.join(CROSS_LOSSES)} distil across tokenizers "
-                "(kdviz.maths.crossloss, TRL GOLD's defaults) and need training examples built for both tokenizers."})
+        "help": f"KD objective: one of {', '.join(LOSSES)}. {', '.join(CROSS_LOSSES)} distil across tokenizers "
+                "(kdviz.maths.crossloss: ULD and GOLD with TRL's defaults, ATKD on aligned groups) and need training "
+                "examples built for both tokenizers."})
     loss_params: dict = field(default_factory=dict, metadata={
         "help": "Parameters of the objective, e.g. {'lam': 0.2, 'k': 0.5} for atkd (see kdviz.losses.OBJECTIVES)."})
     ce_weight: float = field(default=0.0, metadata={
@@ -117,7 +118,7 @@ class DistillConfig(TrainingArguments):
             raise ValueError(f"The seed must be an integer in [0, 2**32), got {self.seed!r} (CLI: --seed).")
 
     def kd_loss(self):
-        """The configured objective (for OKD, its base objective; for uld and gold, a `LossAcross`)."""
+        """The configured objective (for OKD, its base objective; for uld, gold and cross-atkd, a `LossAcross`)."""
         if self.loss in CROSS_LOSSES:
             return loss_across(self.loss, **self.loss_params)
         return get_loss(self.okd_base if self.loss == "okd" else self.loss, **self.loss_params)
