@@ -180,3 +180,13 @@ def test_cli_distils_across_tokenizers(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "n/a" in printed and "not comparable id by id" in printed
     assert (out / "metrics.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_a_teacher_with_the_smaller_vocabulary_distils_and_is_evaluated(tmp_path):
+    """zoo:teacher-s (8,192 tokens) teaching zoo:smollm2-student (49,152): evaluation builds its pair across
+    tokenizers too (it once checked the teacher's 8,192 rows against the student's 49,152 tokens)."""
+    result = distill("zoo:teacher-s", "zoo:smollm2-student", "zoo:docstrings", loss="cross-atkd", limit=12, steps=2,
+                     batch_size=2, max_length=64, truncate=True, device="cpu", progress=False,
+                     eval_generate_examples=0)
+    assert result.after.agreement is None and result.after.loss == result.after.loss  # (not NaN)
+    assert result.after.loss != result.before.loss  # (step 1 is the warm-up's, at learning rate 0)

@@ -107,8 +107,9 @@ class AlignedTeacher:
 
     top_k = None
 
-    def __init__(self, module: nn.Module, *, vocabulary: VocabularyMatch, name: str = ""):
+    def __init__(self, module: nn.Module, *, vocabulary: VocabularyMatch, name: str = "", tokenizer=None):
         self.module, self.vocabulary, self.vocab_size = module, vocabulary, vocabulary.teacher_size
+        self.tokenizer = tokenizer  # the teacher's own (evaluation builds a pair across tokenizers with it)
         self.name = name or getattr(module.config, "name_or_path", "") or "teacher"
 
     @cached_property

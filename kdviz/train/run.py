@@ -209,7 +209,8 @@ def _training_data(pair: ModelPair, source, *, template: str, max_length: int | 
         return tokenize(source, pair.tokenizer, max_length=pair.context(max_length), limit=limit, template=template,
                         truncate=truncate), pair.source
     dataset = aligned_dataset(pair, source, template=template, max_length=max_length, limit=limit, truncate=truncate)
-    return dataset, AlignedTeacher(pair.teacher, vocabulary=pair.vocabulary, name=pair.teacher_name)
+    return dataset, AlignedTeacher(pair.teacher, vocabulary=pair.vocabulary, name=pair.teacher_name,
+                                   tokenizer=pair.teacher_tokenizer)
 
 
 def _start_point(out_dir, resume, args: DistillConfig):

@@ -383,8 +383,9 @@ class DistillTrainer(Trainer):
     def score(self, dataset) -> EvalResult:
         """`evaluate_student` on `dataset` with this trainer's models and evaluation settings."""
         student = self.accelerator.unwrap_model(self.model)
-        pair = ModelPair(self.teacher, student, self.processing_class, vocab_size=self.vocab_size,
-                         source=self.source)
+        across = getattr(self.source, "tokenizer", None)  # a teacher with its own tokenizer (AlignedTeacher)
+        pair = ModelPair(self.teacher, student, self.processing_class, vocab_size=self.vocab_size, source=self.source,
+                         teacher_tokenizer=across, vocabulary=getattr(self.source, "vocabulary", None) if across else None)
         return evaluate_student(pair, dataset, batch_size=self.args.per_device_eval_batch_size,
                                 generate_examples=self.args.eval_generate_examples,
                                 max_new_tokens=self.args.eval_generate_tokens)

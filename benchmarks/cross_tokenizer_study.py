@@ -1,0 +1,142 @@
+"""Distillation across tokenizers, offline: alignment statistics and fine-tunes next to a same-tokenizer baseline.
+
+    python benchmarks/cross_tokenizer_study.py                       # both directions, 3 seeds (about an hour, CPU)
+    python benchmarks/cross_tokenizer_study.py --directions down --seeds 0 --steps 10   # a quick look
+
+Two directions, each a student taught by a teacher with another tokenizer and, as the baseline, by a teacher with
+its own tokenizer:
+
+- down: zoo:smollm2-135m (SmolLM2's 49,152 tokens) -> zoo:student (the zoo's GPT-2, 8,192 tokens); baseline
+  zoo:teacher-l (GPT-2, 8,192 tokens) -> zoo:student;
+- up: zoo:teacher-l -> zoo:smollm2-student (SmolLM2's tokenizer); baseline zoo:smollm2-135m -> zoo:smollm2-student.
+
+Alignment statistics (`kdviz.analyze` of each cross pair on zoo:docstrings and zoo:topics): the share of groups
+that are one-to-one, the teacher's mass on string-matched tokens, where alignment breaks. Fine-tunes
+(`kdviz.train.distill`, the code of `kdviz distill`; same steps, batch, learning rate and held-out split per seed):
+uld, gold and cross-atkd across tokenizers, fkl and atkd with the baseline teacher. Each is scored on the
+student's held-out cross-entropy on the data's responses (the same student tokenization for every teacher, so
+comparable across them) and ROUGE-L of greedy continuations, with the wall-clock time. The conclusion is computed
+from the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decompose import write_json  # noqa: E402  (benchmarks/decompose.py, same folder)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DIRECTIONS = {  # name: (cross teacher, baseline teacher, student)
+    "down": ("zoo:smollm2-135m", "zoo:teacher-l", "zoo:student"),
+    "up": ("zoo:teacher-l", "zoo:smollm2-135m", "zoo:smollm2-student"),
+}
+CROSS = ("uld", "gold", "cross-atkd")
+BASELINE = ("fkl", "atkd")
+DATASETS = ("zoo:docstrings", "zoo:topics")
+
+
+def alignment(direction: str, args) -> list[dict]:
+    import kdviz
+
+    teacher, _, student = DIRECTIONS[direction]
+    pair = kdviz.load_pair(teacher, student, device="cpu")
+    out = []
+    for data in DATASETS:
+        summary = kdviz.analyze(pair, data, limit=args.align_limit, max_length=args.max_length, truncate=True,
+                                progress=False).summary()
+        broken = {r["text_class"]: r["groups"] for r in summary.breaks.iter_rows(named=True)}
+        out.append({"direction": direction, "teacher": teacher, "student": student, "data": data,
+                    "groups": summary.groups, "one_to_one": summary.one_to_one, "matched_mass": summary.matched_mass,
+                    "vocabulary_share": summary.vocabulary_share, "breaks": broken})
+        print(f"{direction} {data}:\n{summary}\n", flush=True)
+    return out
+
+
+def one_run(direction: str, loss: str, seed: int, args, folder: Path) -> dict:
+    from kdviz.train import distill
+
+    cross_teacher, baseline_teacher, student = DIRECTIONS[direction]
+    teacher = cross_teacher if loss in CROSS else baseline_teacher
+    started = time.perf_counter()
+    result = distill(teacher, student, args.data, loss=loss, steps=args.steps, batch_size=args.batch_size,
+                     learning_rate=args.learning_rate, seed=seed, limit=args.limit, max_length=args.max_length,
+                     truncate=True, out_dir=folder, device="cpu", progress=False)
+    return {"direction": direction, "loss": loss, "teacher": teacher, "student": student, "seed": seed,
+            "across_tokenizers": loss in CROSS, "eval_loss": result.after.loss, "eval_loss_before": result.before.loss,
+            "rouge_l": result.after.rouge_l, "rouge_l_before": result.before.rouge_l,
+            "run_seconds": time.perf_counter() - started, "train_seconds": result.train_seconds}
+
+
+def summary(runs: pl.DataFrame) -> pl.DataFrame:
+    order = {name: i for i, name in enumerate(CROSS + BASELINE)}
+    return (runs.group_by("direction", "loss", "teacher")
+            .agg(pl.col("eval_loss").mean(), pl.col("eval_loss").std().alias("eval_loss_std"),
+                 pl.col("eval_loss_before").mean(), pl.col("rouge_l").mean(), pl.col("run_seconds").mean(),
+                 pl.len().alias("seeds"))
+            .with_columns(order=pl.col("loss").replace_strict(order)).sort("direction", "order").drop("order"))
+
+
+def conclusion(table: pl.DataFrame) -> str:
+    """Per direction: the best cross-tokenizer loss against the best same-tokenizer one (computed, not written)."""
+    lines = []
+    for direction in table["direction"].unique(maintain_order=True).to_list():
+        rows = table.filter(pl.col("direction") == direction)
+        cross, same = rows.filter(pl.col("loss").is_in(CROSS)), rows.filter(pl.col("loss").is_in(BASELINE))
+        if not cross.height or not same.height:
+            lines.append(f"{direction}: not enough runs (a cross-tokenizer loss and a baseline are needed).")
+            continue
+        best_cross, best_same = cross.sort("eval_loss").row(0, named=True), same.sort("eval_loss").row(0, named=True)
+        before = best_cross["eval_loss_before"]
+        gain = lambda r: before - r["eval_loss"]  # noqa: E731
+        ranking = ", ".join(f"{r['loss']} {r['eval_loss']:.4f}" for r in cross.sort("eval_loss").iter_rows(named=True))
+        share = gain(best_cross) / gain(best_same) if gain(best_same) > 0 else float("nan")
+        lines.append(
+            f"{direction} ({best_cross['teacher']} -> student across tokenizers, {best_same['teacher']} the baseline): "
+            f"held-out CE {before:.4f} before; across tokenizers {ranking}; best baseline {best_same['loss']} "
+            f"{best_same['eval_loss']:.4f}. The best cross-tokenizer loss "
+            + (f"reaches {share:.0%} of the baseline's improvement" if share == share else "cannot be compared "
+               "(the baseline did not improve)")
+            + f" ({'better than' if best_cross['eval_loss'] < best_same['eval_loss'] else 'behind'} it).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--directions", nargs="+", default=list(DIRECTIONS), choices=list(DIRECTIONS))
+    parser.add_argument("--losses", nargs="+", default=list(CROSS + BASELINE), choices=list(CROSS + BASELINE))
+    parser.add_argument("--data", default="zoo:docstrings")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--learning-rate", type=float, default=5e-4)
+    parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--align-limit", type=int, default=32, help="records per dataset for the alignment statistics")
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--skip-alignment", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS / "cross_tokenizer_study.json"))
+    args = parser.parse_args()
+    aligned = [] if args.skip_alignment else [row for d in args.directions for row in alignment(d, args)]
+    runs, table = [], None
+    with tempfile.TemporaryDirectory() as scratch:
+        for seed in args.seeds:
+            for direction in args.directions:
+                for loss in args.losses:
+                    runs.append(one_run(direction, loss, seed, args, Path(scratch) / f"{direction}-{loss}-{seed}"))
+                    print(runs[-1], flush=True)
+                    table = summary(pl.DataFrame(runs))
+                    write_json(Path(args.out), {"settings": vars(args), "alignment": aligned, "runs": runs,
+                                                "table": table.to_dicts(), "conclusion": conclusion(table)}, quiet=True)
+    with pl.Config(tbl_rows=40, tbl_cols=20, float_precision=4, tbl_width_chars=200):
+        print(table)
+    print(conclusion(table))
+
+
+if __name__ == "__main__":
+    main()
