@@ -36,6 +36,7 @@ SMALL = {
     "03_distill": {"teachers": ["zoo:teacher-s"], "steps": 4, "limit": 24, "compare": []},
     "05_workshop": {},
     "07_rollouts": {"teacher": "zoo:teacher-s", "student": "zoo:student", "limit": 2, "max_new_tokens": 12},
+    "08_cross_tokenizer": {"limit": 2, "metric": "kind"},
 }
 VIEWPORT = {"width": 1280, "height": 900}
 
@@ -409,4 +410,27 @@ def test_rollout_viewer_pins_a_token_of_a_student_sample(page, lab, shots):
     expect(detail).to_contain_text("teacher top-k")
     expect(sample.nth(2)).to_have_attribute("data-mark", "pinned")
     page.screenshot(path=shots / "07_rollout_pinned.png")
+    assert page.errors == []
+
+
+def test_group_viewer_draws_a_merged_group_as_one_box_and_pins_both_sides(page, lab, shots):
+    from playwright.sync_api import expect
+
+    run_notebook(page, lab, "08_cross_tokenizer")
+    strip = page.locator(".kdviz-groups .kdviz-strip").first  # the widget; a static copy follows further down
+    strip.scroll_into_view_if_needed()
+    merged = strip.locator("span[title*='(merged-one-side)']").first
+    expect(merged).to_be_visible()
+    text, title = merged.text_content(), merged.get_attribute("title")
+    assert "¦" in text and text.replace("¦", "") in title  # its parts, in one box
+    box = merged.evaluate("s => [getComputedStyle(s).boxShadow, getComputedStyle(s).backgroundColor]")
+    assert "inset" in box[0] and box[1] == "rgb(158, 202, 225)"  # framed, and coloured by kind
+    merged.click()
+    detail = page.locator(".kdviz-group-detail")
+    expect(detail).to_contain_text("merged-one-side")
+    expect(detail).to_contain_text("teacher")
+    for part in text.split("¦"):
+        expect(detail).to_contain_text(part)
+    expect(merged).to_have_attribute("data-mark", "pinned")
+    page.screenshot(path=shots / "08_group_pinned.png")
     assert page.errors == []

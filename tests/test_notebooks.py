@@ -17,6 +17,7 @@ SMALL = {
     "05_workshop": {"student_target": 0.2},
     "06_ablations": {"teacher": "zoo:teacher-s", "steps": 2, "limit": 24, "losses": ["kd-on-hard", "kd-on-easy"]},
     "07_rollouts": {"teacher": "zoo:teacher-s", "student": "zoo:student", "limit": 3, "max_new_tokens": 8},
+    "08_cross_tokenizer": {"limit": 3},
 }
 
 
@@ -113,3 +114,16 @@ def test_rollouts_notebook(tmp_path):
     printed = "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []))
     assert f"reverse KL {student['rkl']:.3f} on the student's responses" in printed  # computed from the numbers
     assert any("student sample 1" in html for html in static_html_outputs(nb))
+
+
+def test_cross_tokenizer_notebook(tmp_path):
+    from kdviz.analysis import GroupTable
+
+    out, nb = run("08_cross_tokenizer", tmp_path)
+    table = GroupTable.load(out / "groups.parquet")
+    summary = json.loads((out / "summary.json").read_text())
+    assert table.df["doc_id"].n_unique() == 3 and summary["groups"] == len(table)
+    printed = "".join(o.get("text", "") for cell in nb.cells for o in cell.get("outputs", []))
+    assert f"{summary['one_to_one']:.1%} of {summary['groups']} groups are one-to-one" in printed
+    html = "\n".join(static_html_outputs(nb))
+    assert "¦" in html and "merged-one-side" in html  # a merged group drawn as one box with its parts

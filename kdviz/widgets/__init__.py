@@ -1,5 +1,6 @@
 """Notebook views (ipywidgets + plotly) that render what kdviz computed; no math lives here."""
 
+from kdviz.widgets.groups import GroupViewer
 from kdviz.widgets.inspector import TokenInspector
 from kdviz.widgets.launcher import DistillLauncher, LiveCurves
 from kdviz.widgets.rollouts import RolloutViewer
@@ -8,8 +9,8 @@ from kdviz.widgets.strip import TokenStrip
 from kdviz.widgets.tables import html_table
 from kdviz.widgets.workshop import ToyKD
 
-__all__ = ["DistillLauncher", "LiveCurves", "RolloutViewer", "RunComparison", "TokenInspector", "TokenStrip", "ToyKD",
-           "html_table", "setup_notebook"]
+__all__ = ["DistillLauncher", "GroupViewer", "LiveCurves", "RolloutViewer", "RunComparison", "TokenInspector",
+           "TokenStrip", "ToyKD", "html_table", "setup_notebook"]
 
 
 def setup_notebook() -> None:
