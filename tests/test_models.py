@@ -37,7 +37,7 @@ def test_different_tokenizers_load_as_a_pair_across_tokenizers_and_say_so(tmp_pa
     with pytest.raises(ValueError, match="different tokenizers .*teacher vocabulary"):
         pair.logits(ids, torch.ones_like(ids))
     assert set(analyze(pair, TEXTS[:2], progress=False, cache=False).df["kind"]) <= set(KINDS)  # aligned groups
-    with pytest.raises(ValueError, match="^--loss atkd compares .* Use --loss uld or --loss gold"):
+    with pytest.raises(ValueError, match="^--loss atkd compares .* Use --loss uld, gold or cross-atkd"):
         distill(model_dirs["teacher"], tmp_path / "other", TEXTS[:4], steps=1, device="cpu", progress=False)
 
 
