@@ -1,6 +1,7 @@
 """Per-group KD quantities across tokenizers: they reduce to the per-token decomposition when both sides are one
 tokenizer, the teacher's u of a one-to-one group is 1 - p from a plain forward, ULD equals TRL's ULDLoss."""
 
+import math
 import os
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ from trl.experimental.gold.gold_trainer import ULDLoss  # noqa: E402
 
 from kdviz import decompose  # noqa: E402
 from kdviz.align import align_text, match_vocabularies  # noqa: E402
-from kdviz.maths.groups import binary_kl, group_stats, merged_log_probs, token_log_probs  # noqa: E402
+from kdviz.maths.groups import binary_kl, group_stats, log1mexp, merged_log_probs, token_log_probs  # noqa: E402
 from kdviz.models import load_model, load_tokenizer  # noqa: E402
 
 TEXT = "    total = 1234 + len(items)  # café: naïve\n    return total\n"
@@ -140,3 +141,18 @@ def test_merged_distributions_hold_the_probability_of_the_groups_prefix():
     assert (bayes[2] == float("-inf")).all()
     with pytest.raises(ValueError, match="merge must be one of"):
         merged_log_probs(rows, token, groups, merge="first")
+
+
+def test_log_probs_near_zero_and_one_have_finite_gradients():
+    """A token the student all but rules out (p ~ 1e-30) or is sure of: no NaN in the gradient (found by a fine-tune
+    of the GPT-2 teacher into the SmolLM2 student, which diverged at its first step)."""
+    logits = torch.tensor([[0.0, 80.0, -80.0], [40.0, 0.0, 0.0]], requires_grad=True)
+    ids = torch.tensor([2, 0])  # p ~ e^-160 (the others' mass rounds to exactly 1), and p ~ 1 - 2e-17
+    token = token_log_probs(logits.log_softmax(-1), ids)
+    reference = logits.double().log_softmax(-1).gather(1, ids[:, None]).squeeze(1)
+    torch.testing.assert_close(token.double(), reference, rtol=1e-6, atol=1e-6)
+    log_p = token.detach().clone().requires_grad_(True)
+    (token.sum() + binary_kl(torch.tensor([-1e-3, -5.0]), log_p).sum() + log1mexp(log_p).sum()).backward()
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(log_p.grad).all()
+    torch.testing.assert_close(log1mexp(torch.tensor([-1e-9, -50.0], dtype=torch.float64)),
+                               torch.tensor([math.log(1e-9), -math.exp(-50.0)], dtype=torch.float64), rtol=1e-6, atol=0)

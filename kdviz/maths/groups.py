@@ -48,8 +48,14 @@ class GroupStats:
 
 
 def log1mexp(log_p: Tensor) -> Tensor:
-    """log(1 - p) from log p, accurate for p near 0 and near 1 (Maechler 2012); -inf at p = 1."""
-    return torch.where(log_p > -0.6931471805599453, torch.log(-torch.expm1(log_p)), torch.log1p(-torch.exp(log_p)))
+    """log(1 - p) from log p, accurate for p near 0 and near 1 (Maechler 2012); -inf at p = 1.
+
+    Each branch sees only the inputs it answers for (the other's are replaced by -1): the branch torch.where does not
+    pick still gets a gradient of zero times its own, which is NaN where that branch is infinite.
+    """
+    near_one = log_p > -0.6931471805599453
+    return torch.where(near_one, torch.log(-torch.expm1(torch.where(near_one, log_p, -1.0))),
+                       torch.log1p(-torch.exp(torch.where(near_one, -1.0, log_p))))
 
 
 def binary_kl(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -66,7 +72,8 @@ def token_log_probs(log_probs: Tensor, ids: Tensor) -> Tensor:
     """
     direct = log_probs.gather(1, ids[:, None]).squeeze(1)  # (T,)
     others = logsumexp_rows(log_probs.scatter(1, ids[:, None], float("-inf")))  # (T,) log(1 - p)
-    return torch.where(direct > -0.6931471805599453, torch.log1p(-others.exp()), direct)
+    confident = direct > -0.6931471805599453  # the branch not taken sees -1, so its gradient stays finite (log1mexp)
+    return torch.where(confident, torch.log1p(-torch.where(confident, others, -1.0).exp()), direct)
 
 
 def group_log_probs(token_logp: Tensor, groups: Sequence[Sequence[int]]) -> Tensor:
