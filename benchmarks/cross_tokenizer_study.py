@@ -12,11 +12,14 @@ its own tokenizer:
 
 Alignment statistics (`kdviz.analyze` of each cross pair on zoo:docstrings and zoo:topics): the share of groups
 that are one-to-one, the teacher's mass on string-matched tokens, where alignment breaks. Fine-tunes
-(`kdviz.train.distill`, the code of `kdviz distill`; same steps, batch, learning rate and held-out split per seed):
-uld, gold and cross-atkd across tokenizers, fkl and atkd with the baseline teacher. Each is scored on the
-student's held-out cross-entropy on the data's responses (the same student tokenization for every teacher, so
-comparable across them) and ROUGE-L of greedy continuations, with the wall-clock time. The conclusion is computed
-from the table.
+(`kdviz.train.distill`, the code of `kdviz distill`; same steps, batch and learning rate per seed): uld, gold and
+cross-atkd across tokenizers, fkl and atkd with the baseline teacher. Each trained student is scored here on one
+common held-out set, the data's last `--heldout` records in the student's tokenization and template (none of them
+among the first `--limit` that training reads): its cross-entropy on their responses, against the initial
+student's on the same tokens. (A run's own held-out split is not common: a pair across tokenizers skips records
+that do not fit either model's context, so its split holds other records; those figures are kept as
+`run_eval_loss`.) Also ROUGE-L of greedy continuations on the run's split and the wall-clock time. The conclusion
+is computed from the table.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decompose import write_json  # noqa: E402  (benchmarks/decompose.py, same folder)
+from decompose import write_json  # benchmarks/decompose.py, same folder
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DIRECTIONS = {  # name: (cross teacher, baseline teacher, student)
@@ -68,10 +71,53 @@ def one_run(direction: str, loss: str, seed: int, args, folder: Path) -> dict:
     result = distill(teacher, student, args.data, loss=loss, steps=args.steps, batch_size=args.batch_size,
                      learning_rate=args.learning_rate, seed=seed, limit=args.limit, max_length=args.max_length,
                      truncate=True, out_dir=folder, device="cpu", progress=False)
+    seconds = time.perf_counter() - started
     return {"direction": direction, "loss": loss, "teacher": teacher, "student": student, "seed": seed,
-            "across_tokenizers": loss in CROSS, "eval_loss": result.after.loss, "eval_loss_before": result.before.loss,
+            "across_tokenizers": loss in CROSS, "eval_loss": heldout_loss(folder, student, args),
+            "eval_loss_before": initial_loss(student, args),
+            "run_eval_loss": result.after.loss, "run_eval_loss_before": result.before.loss,
             "rouge_l": result.after.rouge_l, "rouge_l_before": result.before.rouge_l,
-            "run_seconds": time.perf_counter() - started, "train_seconds": result.train_seconds}
+            "run_seconds": seconds, "train_seconds": result.train_seconds}
+
+
+_HELDOUT: dict = {}  # student name: (tokenizer, the held-out examples)
+_BEFORE: dict = {}  # student name: the initial student's held-out loss
+
+
+def initial_loss(student: str, args) -> float:
+    if student not in _BEFORE:
+        _BEFORE[student] = heldout_loss(student, student, args)
+    return _BEFORE[student]
+
+
+def heldout_loss(model_name, student: str, args) -> float:
+    """Cross-entropy of a student (a zoo name or a saved run folder) on the responses of the data's last
+    `args.heldout` records, tokenized by the student's tokenizer in its template (the same tokens for every run)."""
+    import torch
+    import torch.nn.functional as F
+
+    from kdviz.data import IGNORE_INDEX, collate, load_data, pad_id
+    from kdviz.models import load_model, load_tokenizer, model_logits
+
+    if student not in _HELDOUT:
+        tokenizer = load_tokenizer(student)
+        data = load_data(args.data, tokenizer, max_length=args.max_length, truncate=True)
+        if len(data) < args.limit + args.heldout:
+            raise SystemExit(f"{args.data} has {len(data)} examples; --limit {args.limit} and --heldout {args.heldout} "
+                             "need more. Lower them.")
+        _HELDOUT[student] = (tokenizer, list(data)[-args.heldout:])
+    tokenizer, examples = _HELDOUT[student]
+    model = load_model(str(model_name), device="cpu", dtype=torch.float32)[0].eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), 8):
+        batch = collate(examples[start : start + 8], pad_id=pad_id(tokenizer))
+        labels = batch.labels[:, 1:]
+        valid = labels != IGNORE_INDEX
+        with torch.no_grad():
+            logits = model_logits(model, batch.input_ids, batch.attention_mask)[:, :-1, : len(tokenizer)]
+        total += float(F.cross_entropy(logits[valid].float(), labels[valid], reduction="sum"))
+        count += int(valid.sum())
+    return total / count
 
 
 def summary(runs: pl.DataFrame) -> pl.DataFrame:
@@ -94,14 +140,14 @@ def conclusion(table: pl.DataFrame) -> str:
             continue
         best_cross, best_same = cross.sort("eval_loss").row(0, named=True), same.sort("eval_loss").row(0, named=True)
         before = best_cross["eval_loss_before"]
-        gain = lambda r: before - r["eval_loss"]  # noqa: E731
         ranking = ", ".join(f"{r['loss']} {r['eval_loss']:.4f}" for r in cross.sort("eval_loss").iter_rows(named=True))
-        share = gain(best_cross) / gain(best_same) if gain(best_same) > 0 else float("nan")
+        cross_gain, same_gain = before - best_cross["eval_loss"], before - best_same["eval_loss"]
+        share = cross_gain / same_gain if same_gain > 0 else None
         lines.append(
             f"{direction} ({best_cross['teacher']} -> student across tokenizers, {best_same['teacher']} the baseline): "
             f"held-out CE {before:.4f} before; across tokenizers {ranking}; best baseline {best_same['loss']} "
             f"{best_same['eval_loss']:.4f}. The best cross-tokenizer loss "
-            + (f"reaches {share:.0%} of the baseline's improvement" if share == share else "cannot be compared "
+            + (f"reaches {share:.0%} of the baseline's improvement" if share is not None else "cannot be compared "
                "(the baseline did not improve)")
             + f" ({'better than' if best_cross['eval_loss'] < best_same['eval_loss'] else 'behind'} it).")
     return "\n".join(lines)
@@ -117,6 +163,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=5e-4)
     parser.add_argument("--limit", type=int, default=200)
+    parser.add_argument("--heldout", type=int, default=64, help="the data's last N records: the common held-out set")
     parser.add_argument("--align-limit", type=int, default=32, help="records per dataset for the alignment statistics")
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--skip-alignment", action="store_true")
