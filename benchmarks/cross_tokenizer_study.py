@@ -25,6 +25,7 @@ is computed from the table.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -122,15 +123,22 @@ def heldout_loss(model_name, student: str, args) -> float:
 
 def summary(runs: pl.DataFrame) -> pl.DataFrame:
     order = {name: i for i, name in enumerate(CROSS + BASELINE)}
-    return (runs.group_by("direction", "loss", "teacher")
+    return (runs.group_by("direction", "loss", "teacher", "student")
             .agg(pl.col("eval_loss").mean(), pl.col("eval_loss").std().alias("eval_loss_std"),
                  pl.col("eval_loss_before").mean(), pl.col("rouge_l").mean(), pl.col("run_seconds").mean(),
                  pl.len().alias("seeds"))
             .with_columns(order=pl.col("loss").replace_strict(order)).sort("direction", "order").drop("order"))
 
 
-def conclusion(table: pl.DataFrame) -> str:
-    """Per direction: the best cross-tokenizer loss against the best same-tokenizer one (computed, not written)."""
+def listed(frame: pl.DataFrame, before: float) -> str:
+    """'loss held-out CE (change)' per row, lowest first."""
+    return ", ".join(f"{r['loss']} {r['eval_loss']:.4f} ({r['eval_loss'] - before:+.4f})"
+                     for r in frame.sort("eval_loss").iter_rows(named=True))
+
+
+def conclusion(table: pl.DataFrame, runs: pl.DataFrame) -> str:
+    """Per direction: each loss's change of the held-out CE, and the best cross-tokenizer loss against the best
+    same-tokenizer one, on average and seed by seed (computed from the numbers, not written ahead)."""
     lines = []
     for direction in table["direction"].unique(maintain_order=True).to_list():
         rows = table.filter(pl.col("direction") == direction)
@@ -140,16 +148,25 @@ def conclusion(table: pl.DataFrame) -> str:
             continue
         best_cross, best_same = cross.sort("eval_loss").row(0, named=True), same.sort("eval_loss").row(0, named=True)
         before = best_cross["eval_loss_before"]
-        ranking = ", ".join(f"{r['loss']} {r['eval_loss']:.4f}" for r in cross.sort("eval_loss").iter_rows(named=True))
+
+
+        pairs = (runs.filter((pl.col("direction") == direction) & (pl.col("loss") == best_cross["loss"]))
+                 .join(runs.filter((pl.col("direction") == direction) & (pl.col("loss") == best_same["loss"])),
+                       on="seed", suffix="_same"))
+        wins = int((pairs["eval_loss"] < pairs["eval_loss_same"]).sum())
         cross_gain, same_gain = before - best_cross["eval_loss"], before - best_same["eval_loss"]
-        share = cross_gain / same_gain if same_gain > 0 else None
+        if same_gain > 0 and cross_gain > 0:
+            verdict = f"recovers {cross_gain / same_gain:.0%} of the best baseline's improvement"
+        elif same_gain > 0:
+            verdict = "does not improve on the initial student, while the best baseline does"
+        else:
+            verdict = ("ends " + ("below" if best_cross["eval_loss"] < best_same["eval_loss"] else "above")
+                       + " the best baseline, and no run of either kind improved on the initial student")
         lines.append(
-            f"{direction} ({best_cross['teacher']} -> student across tokenizers, {best_same['teacher']} the baseline): "
-            f"held-out CE {before:.4f} before; across tokenizers {ranking}; best baseline {best_same['loss']} "
-            f"{best_same['eval_loss']:.4f}. The best cross-tokenizer loss "
-            + (f"reaches {share:.0%} of the baseline's improvement" if share is not None else "cannot be compared "
-               "(the baseline did not improve)")
-            + f" ({'better than' if best_cross['eval_loss'] < best_same['eval_loss'] else 'behind'} it).")
+            f"{direction} ({best_cross['teacher']} -> {best_cross['student']} across tokenizers; baseline "
+            f"{best_same['teacher']}): held-out CE {before:.4f} before. Across tokenizers: {listed(cross, before)}. "
+            f"Baseline: {listed(same, before)}. The best cross-tokenizer loss, {best_cross['loss']}, {verdict}; it is lower "
+            f"than {best_same['loss']} in {wins} of {pairs.height} seeds.")
     return "\n".join(lines)
 
 
@@ -168,21 +185,36 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--skip-alignment", action="store_true")
     parser.add_argument("--out", default=str(RESULTS / "cross_tokenizer_study.json"))
+    parser.add_argument("--recompute", action="store_true",
+                        help="no runs: the table and conclusion again from the runs already in --out")
     args = parser.parse_args()
+    if args.recompute:
+        written = json.loads(Path(args.out).read_text())
+        report(Path(args.out), written["settings"], written["alignment"], written["runs"], show=True)
+        return
     aligned = [] if args.skip_alignment else [row for d in args.directions for row in alignment(d, args)]
-    runs, table = [], None
+    runs = []
     with tempfile.TemporaryDirectory() as scratch:
         for seed in args.seeds:
             for direction in args.directions:
                 for loss in args.losses:
                     runs.append(one_run(direction, loss, seed, args, Path(scratch) / f"{direction}-{loss}-{seed}"))
                     print(runs[-1], flush=True)
-                    table = summary(pl.DataFrame(runs))
-                    write_json(Path(args.out), {"settings": vars(args), "alignment": aligned, "runs": runs,
-                                                "table": table.to_dicts(), "conclusion": conclusion(table)}, quiet=True)
-    with pl.Config(tbl_rows=40, tbl_cols=20, float_precision=4, tbl_width_chars=200):
-        print(table)
-    print(conclusion(table))
+                    report(Path(args.out), vars(args), aligned, runs, show=False)
+    report(Path(args.out), vars(args), aligned, runs, show=True)
+
+
+def report(out: Path, settings: dict, aligned: list, runs: list[dict], *, show: bool) -> None:
+    """Write the runs, their table and the conclusion to `out` (and print the last two when `show`)."""
+    frame = pl.DataFrame(runs)
+    table = summary(frame)
+    text = conclusion(table, frame)
+    write_json(out, {"settings": settings, "alignment": aligned, "runs": runs, "table": table.to_dicts(),
+                     "conclusion": text}, quiet=True)
+    if show:
+        with pl.Config(tbl_rows=40, tbl_cols=20, float_precision=4, tbl_width_chars=200):
+            print(table)
+        print(text)
 
 
 if __name__ == "__main__":
