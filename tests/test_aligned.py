@@ -32,8 +32,9 @@ def source():
     return read_data("zoo:docstrings", limit=8)
 
 
-def trainer_for(pair, dataset, student=None, *, loss="uld", batch=2, accumulation=1, steps=1, optim="adamw_torch"):
-    args = DistillConfig(output_dir="/tmp/kdviz-test-aligned", loss=loss, max_steps=steps, learning_rate=1e-3, optim=optim,
+def trainer_for(pair, dataset, student=None, *, loss="uld", batch=2, accumulation=1, steps=1, optim="adamw_torch",
+                lr=1e-3):
+    args = DistillConfig(output_dir="/tmp/kdviz-test-aligned", loss=loss, max_steps=steps, learning_rate=lr, optim=optim,
                          per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
                          lr_scheduler_type="constant", disable_tqdm=True, use_cpu=True, seed=0)
     student = (student or copy.deepcopy(pair.student)).float().requires_grad_(True)
@@ -124,13 +125,14 @@ def test_cross_atkd_is_atkd_on_the_analysis_group_quantities_values_and_gradient
 def test_layout_does_not_change_the_student(pair, source, objective):
     """With SGD: ULD's sort makes its gradient jump where two tail probabilities tie, so rounding (other padding)
     can swap a pair's ranks; the gradient moves by about those tiny probabilities, which Adam would scale up to a
-    full step for rows that only the tail reaches."""
+    full step for rows that only the tail reaches. The learning rate is large so that the update (about 0.3) is far
+    above float32's rounding of the weights themselves (a norm of about 3e-8 here, 1e-5 of an update at 1e-3)."""
     dataset = aligned_dataset(pair, source, limit=8, **OPTIONS)
     start = [p.detach().clone() for p in pair.student.parameters()]
     students = []
     for batch, accumulation in ((4, 1), (2, 2)):
         trainer = trainer_for(pair, dataset, loss=objective, batch=batch, accumulation=accumulation, steps=3,
-                              optim="sgd")
+                              optim="sgd", lr=0.1)
         trainer.train()
         students.append([p.detach() for p in trainer.model.parameters()])
     update = torch.cat([(a - w).flatten() for a, w in zip(students[0], start)]).norm()
