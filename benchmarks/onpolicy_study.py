@@ -3,6 +3,8 @@
     python benchmarks/onpolicy_study.py                                 # the real pair, 3 seeds (hours on a CPU)
     python benchmarks/onpolicy_study.py --teacher zoo:teacher-l --student zoo:student --template auto \\
         --steps 60 --out benchmarks/results/onpolicy_study_zoo.json    # the zoo's pair
+    python benchmarks/onpolicy_study.py --merge seed0.json seed1.json seed2.json --out all.json
+                                        # seeds run apart (one process each), one table and conclusion
 
 Runs (each through `kdviz.train.distill`, the same code as `kdviz distill`, same steps, batch, learning rate and
 held-out split per seed): off-policy fkl and rkl; on-policy rkl and jsd (beta 0.5) with lambda 1 and 0.5
@@ -78,8 +80,9 @@ def summary(runs: pl.DataFrame) -> pl.DataFrame:
             .with_columns(order=pl.col("config").replace_strict(order)).sort("order").drop("order"))
 
 
-def conclusion(table: pl.DataFrame) -> str:
-    """What the numbers say about "OKD matches SGO at a fraction of the time" (computed, not written in advance)."""
+def conclusion(table: pl.DataFrame, runs: pl.DataFrame | None = None) -> str:
+    """What the numbers say about "OKD matches SGO at a fraction of the time" (computed, not written in advance);
+    with the runs, also how many seeds agree and which runs ended above the student before training."""
     rows = {r["config"]: r for r in table.iter_rows(named=True)}
     sgo = [r for name, r in rows.items() if "on-policy" in name]
     if "okd" not in rows or not sgo:
@@ -94,7 +97,43 @@ def conclusion(table: pl.DataFrame) -> str:
             f"({okd['run_seconds']:.0f} s against {best['run_seconds']:.0f} s; generation was "
             f"{best['generation_share']:.0%} of that run's training time). On the student's own responses to held-out "
             f"prompts, OKD's reverse KL is {okd['rkl_own']:.4f}; the lowest among on-policy runs is "
-            f"{own['rkl_own']:.4f} ({own['config']}), off-policy rkl {rows.get('rkl', {}).get('rkl_own', float('nan')):.4f}.")
+            f"{own['rkl_own']:.4f} ({own['config']}), off-policy rkl {rows.get('rkl', {}).get('rkl_own', float('nan')):.4f}."
+            + ("" if runs is None else by_seed(runs, best["config"])))
+
+
+def by_seed(runs: pl.DataFrame, best: str) -> str:
+    """Paired by seed: in how many seeds OKD's held-out loss is below the (on average) best on-policy run's, and
+    which runs ended above the held-out loss before training."""
+    wide = runs.pivot(on="config", index="seed", values="eval_loss").drop_nulls(["okd", best])
+    seeds = wide.height
+    wins = int((wide["okd"] <= wide[best]).sum())
+    above = (runs.filter(pl.col("eval_loss") > pl.col("eval_loss_before")).group_by("config")
+             .agg(pl.len().alias("n")).sort("config"))
+    worse = ", ".join(f"{r['config']} ({r['n']} of {seeds})" for r in above.iter_rows(named=True))
+    return (f" OKD's held-out loss is at or below {best}'s in {wins} of {seeds} seeds."
+            + (f" Runs that ended above the held-out loss before training: {worse}." if worse else
+               " Every run ended below the held-out loss before training."))
+
+
+SAME = ("teacher", "student", "data", "template", "steps", "batch_size", "learning_rate", "limit", "max_length",
+        "max_new_tokens")
+
+
+def merged(paths: list[str]) -> tuple[dict, list[dict]]:
+    """The runs of several results of this script (seeds run apart), after checking they share the settings."""
+    import json
+
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    first = results[0]["settings"]
+    for path, result in zip(paths, results):
+        differ = {k: (first.get(k), result["settings"].get(k)) for k in SAME
+                  if result["settings"].get(k) != first.get(k)}
+        if differ:
+            raise SystemExit(f"--merge: {path} was made with other settings than {paths[0]} ({differ}); "
+                             "merge results of one set of settings")
+    runs = [run for result in results for run in result["runs"]]
+    seeds = sorted({run["seed"] for run in runs})
+    return {**first, "seeds": seeds, "merged_from": paths}, runs
 
 
 def main() -> None:
@@ -112,7 +151,17 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--out", default=str(RESULTS / "onpolicy_study.json"))
+    parser.add_argument("--merge", nargs="+", metavar="RESULT",
+                        help="no runs: merge results of this script made with the same settings (for example one "
+                             "seed per process) into one table and conclusion, written to --out")
     args = parser.parse_args()
+    if args.merge:
+        settings, runs = merged(args.merge)
+        table = summary(pl.DataFrame(runs))
+        report(table, conclusion(table, pl.DataFrame(runs)))
+        write_json(Path(args.out), {"settings": settings, "runs": runs, "table": table.to_dicts(),
+                                    "conclusion": conclusion(table, pl.DataFrame(runs))}, quiet=True)
+        return
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
         for seed in args.seeds:
@@ -121,10 +170,14 @@ def main() -> None:
                 print(runs[-1], flush=True)
                 table = summary(pl.DataFrame(runs))
                 write_json(Path(args.out), {"settings": vars(args), "runs": runs, "table": table.to_dicts(),
-                                            "conclusion": conclusion(table)}, quiet=True)
+                                            "conclusion": conclusion(table, pl.DataFrame(runs))}, quiet=True)
+    report(table, conclusion(table, pl.DataFrame(runs)))
+
+
+def report(table: pl.DataFrame, sentence: str) -> None:
     with pl.Config(tbl_rows=20, tbl_cols=20, float_precision=4, tbl_width_chars=200):
         print(table)
-    print(conclusion(table))
+    print(sentence)
 
 
 if __name__ == "__main__":
