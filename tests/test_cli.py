@@ -127,6 +127,21 @@ def test_analyze_generate_reads_prompt_only_records(tmp_path, model_dirs, capsys
     assert "Traceback" not in err and not (tmp_path / "x.parquet").exists()
 
 
+def test_distill_reads_prompt_only_records_when_every_step_generates(tmp_path, model_dirs, capsys):
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Echo {i}"}) + "\n" for i in range(6)))
+    base = ["distill", "--teacher", str(model_dirs["teacher"]), "--student", str(model_dirs["student"]),
+            "--data", str(data), "--loss", "rkl", "--steps", "1", "--batch-size", "2", "--max-new-tokens", "4",
+            "--device", "cpu"]
+    assert main([*base, "--on-policy", "0.5", "--out", str(tmp_path / "half")]) == 2  # some steps read the data
+    err = capsys.readouterr().err
+    assert "no response" in err and "--on-policy 1, --seq-kd" in err and "Traceback" not in err
+    assert not (tmp_path / "half").exists()
+    assert main([*base, "--on-policy", "1", "--out", str(tmp_path / "run")]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["settings"]["eval_references_by_teacher"] == 1 and metrics["before"]["tokens"] > 0
+
+
 def test_analyze_across_tokenizers_writes_the_group_table_and_report(tmp_path, capsys):
     """zoo:smollm2-student (SmolLM2's 49,152-token tokenizer, chat template) teaches zoo:student (8,192 tokens, plain)."""
     from kdviz.analysis import GroupTable

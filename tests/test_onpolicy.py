@@ -106,3 +106,49 @@ def test_on_policy_refuses_a_teacher_cache_and_bad_settings(pair, model_dirs, tm
                           ({"on_policy": 0.5, "rollout_top_p": 0.0}, "top_p must be")):
         with pytest.raises(ValueError, match=says):
             DistillConfig(output_dir=str(tmp_path), **options)
+
+
+PROMPTS = [{"prompt": record["prompt"]} for record in RECORDS]
+
+
+def test_prompt_only_data_trains_when_every_step_generates_and_the_teacher_writes_held_out_references(
+        pair, model_dirs, tmp_path):
+    run = partial(distill, model_dirs["teacher"], model_dirs["student"], PROMPTS, loss="jsd", steps=2, eval_size=4,
+                  batch_size=4, device="cpu", progress=False, eval_generate_examples=2, rollout_max_new_tokens=6,
+                  max_length=64)
+    result = run(on_policy=1.0, out_dir=tmp_path / "student")
+    assert result.settings["steps_by_writer"] == {"student": 2, "teacher": 0, "data": 0}
+    assert result.settings["eval_references_by_teacher"] == 4
+    assert result.before.tokens > 0 and result.before.loss > 0 and result.after.loss > 0
+    assert result.before.rouge_l is not None and result.before.agreement is not None
+    sequence = run(seq_kd=True, on_policy=0.5)  # the teacher writes whenever the student does not
+    assert sequence.settings["steps_by_writer"]["data"] == 0 and sequence.before == result.before
+    with pytest.raises(ValueError, match=r"no response.*--on-policy 1, --seq-kd"):
+        run(on_policy=0.5)  # some steps would train on the data's responses, which these records lack
+    with pytest.raises(ValueError, match="no response"):
+        run()
+
+
+def test_held_out_references_of_prompts_are_the_teachers_greedy_continuations(pair):
+    from kdviz.data import pad_id, stop_ids, tokenize
+    from kdviz.data import read_data
+    from kdviz.train.onpolicy import teacher_references
+
+    prompts = tokenize(read_data(PROMPTS[:3], need_response=False), pair.tokenizer, max_length=64, template="auto",
+                       need_response=False)
+    assert all(set(example.labels) == {-100} for example in prompts)
+    written, count = teacher_references(pair.teacher, prompts, tokenizer=pair.tokenizer, context=64, max_new_tokens=6,
+                                        pad=pad_id(pair.tokenizer))
+    assert count == 3 and written.template == prompts.template
+    stops = set(stop_ids(pair.tokenizer, prompts.template))
+    for prompt, example in zip(prompts, written):
+        ids = torch.tensor([prompt.input_ids])
+        greedy = pair.teacher.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=6, pad_token_id=pad_id(pair.tokenizer))[0, ids.shape[1]:].tolist()
+        end = next((i + 1 for i, token in enumerate(greedy) if token in stops), len(greedy))
+        response = example.input_ids[len(prompt.input_ids):]
+        assert example.input_ids[: len(prompt.input_ids)] == prompt.input_ids and response == greedy[:end]
+        assert example.labels == [-100] * len(prompt.input_ids) + response
+    again, _ = teacher_references(pair.teacher, written, tokenizer=pair.tokenizer, context=64, max_new_tokens=6,
+                                  pad=pad_id(pair.tokenizer))
+    assert again is written  # examples with targets are kept as they are

@@ -154,7 +154,8 @@ def _detect_layout(record: dict, where: str, need_response: bool = True) -> tupl
     known = "; ".join(f"{k}: {p}/{r}" for k, (p, _, r) in LAYOUTS.items())
     prompt_only = next((p for p, _, _ in LAYOUTS.values() if p in record), None)
     hint = (f" It has a prompt ({prompt_only!r}) and no response: to let a model write the responses, analyse with "
-            "generate='student' or 'teacher' (CLI: --generate)." if prompt_only else "")
+            "generate='student' or 'teacher' (CLI: --generate), or distil with every step generating (on_policy=1.0 "
+            "or seq_kd=True; CLI: --on-policy 1, --seq-kd)." if prompt_only else "")
     raise ValueError(
         f"{where}: cannot find prompt/response fields among {sorted(record)}. Known layouts: {known}. "
         f"Name yours with prompt_field= and response_field= (CLI: --prompt-field/--response-field).{hint}"
@@ -230,7 +231,8 @@ def _response(record: dict, name: str, where: str, need_response: bool) -> str:
     response = _string_field(record, name, where)
     if not response.strip() and need_response:
         raise ValueError(f"{where}: the response is empty; every record needs a response to use as targets (or let "
-                         "a model write them: analyze --generate student|teacher reads prompt-only records).")
+                         "a model write them: analyze --generate student|teacher, distill --on-policy 1 and distill --seq-kd "
+                         "read prompt-only records).")
     return response if response.strip() else ""
 
 

@@ -34,7 +34,8 @@ def pair_example(tokenizer, formatted: Formatted, *, max_length: int, where: str
     if not formatted.response_text.strip():
         if need_response:
             raise ValueError(f"{where}: the response is empty; every record needs a response to use as targets (or "
-                             "let a model write them: analyze --generate student|teacher reads prompt-only records).")
+                             "let a model write them: analyze --generate student|teacher, distill --on-policy 1 and distill "
+                             "--seq-kd read prompt-only records).")
         if len(prompt_ids) >= max_length - 1:
             raise ValueError(f"{where}: the prompt alone is {len(prompt_ids)} tokens, and the context is {max_length} "
                              "tokens, so no response token fits. Use a longer --max-length or drop the record.")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 import xxhash
 
-from kdviz.data import IGNORE_INDEX, Example, stop_ids
+from kdviz.data import IGNORE_INDEX, Example, TokenDataset, stop_ids
 from kdviz.generation import Sampling, generate_responses, prompt_of
 
 
@@ -96,3 +96,30 @@ class Rollouts:
         return {"steps_by_writer": {w: sum(h.writer == w for h in self.history) for w in ("student", "teacher", "data")},
                 "generation_seconds": sum(h.seconds for h in generated),
                 "mean_response_tokens": sum(h.response_tokens for h in generated) / responses if responses else None}
+
+
+def writes_every_step(on_policy: float, seq_kd: bool) -> bool:
+    """Whether every step's responses are generated (so the data may hold prompts only): the student always
+    (on_policy 1), or the teacher whenever the student does not (sequence KD)."""
+    return on_policy >= 1.0 or seq_kd
+
+
+def teacher_references(teacher, dataset: TokenDataset, *, tokenizer, context: int | None, max_new_tokens: int,
+                       pad: int) -> tuple[TokenDataset, int]:
+    """(`dataset` where each prompt without a response has the teacher's greedy response as its targets, how many
+    were written): the held-out references of prompt-only data, so that the held-out loss, agreement, ROUGE-L and
+    probes have targets. Greedy decoding makes them the same on every process and on resume."""
+    missing = [i for i, example in enumerate(dataset) if all(label == IGNORE_INDEX for label in example.labels)]
+    if not missing or teacher is None:  # (a teacher cache is refused with on-policy training, with its reason)
+        return dataset, 0
+    responses = generate_responses(teacher, [dataset[i].input_ids for i in missing],
+                                   Sampling(max_new_tokens=max_new_tokens, temperature=0.0),
+                                   stop_ids=stop_ids(tokenizer, dataset.template or "plain"), pad_id=pad,
+                                   context=context)
+    examples = list(dataset)
+    for i, (response,) in zip(missing, responses):
+        prompt = examples[i].input_ids
+        examples[i] = Example(prompt + response, [IGNORE_INDEX] * len(prompt) + response, examples[i].source,
+                              origin="teacher")
+    return TokenDataset(examples, f"{dataset.description}, {len(missing)} references written by the teacher (greedy)",
+                        template=dataset.template), len(missing)

@@ -15,7 +15,7 @@ import torch
 from transformers import PrinterCallback
 
 from kdviz.checks import check_count
-from kdviz.data import TokenDataset, check_template, load_data, read_data, tokenize
+from kdviz.data import TokenDataset, check_template, load_data, pad_id, read_data, tokenize
 from kdviz.distributed import barrier, broadcast, check_agree, world
 from kdviz.files import check_writable, expand, staged_folder, write_text, writer_lock
 from kdviz.models import resolve_device
@@ -26,6 +26,7 @@ from kdviz.train.checkpoints import (EVAL_BEFORE, check_fresh, check_inputs, che
                                      resume_point, run_inputs)
 from kdviz.train.config import DistillConfig, run_settings
 from kdviz.train.evaluate import EvalResult
+from kdviz.train.onpolicy import teacher_references, writes_every_step
 from kdviz.train.probes import TRAJECTORY, Probes
 from kdviz.train.signals import StopOnSignal
 from kdviz.train.trainer import DistillTrainer
@@ -39,8 +40,8 @@ def split_data(dataset: TokenDataset, *, eval_size: int, seed: int = 0) -> tuple
     held = set(order[:eval_size])
     train = [ex for i, ex in enumerate(dataset) if i not in held]
     evaluation = [ex for i, ex in enumerate(dataset) if i in held]
-    return (TokenDataset(train, f"{dataset.description} (train, {len(train)})"),
-            TokenDataset(evaluation, f"{dataset.description} (eval, {len(evaluation)})"))
+    return (TokenDataset(train, f"{dataset.description} (train, {len(train)})", template=dataset.template),
+            TokenDataset(evaluation, f"{dataset.description} (eval, {len(evaluation)})", template=dataset.template))
 
 
 @dataclass
@@ -164,8 +165,9 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
                    learning_rate=learning_rate, seed=seed, device=device, save_steps=save_steps, progress=progress,
                    **config)  # settings checked before anything is loaded
     check_cross_run(loss, teacher_cache=teacher_cache, probe_every=probe_every)
+    prompts_only = writes_every_step(args.on_policy, args.seq_kd)  # every step generates: records may be prompts
     source = read_data(data, limit=limit, prompt_field=prompt_field, response_field=response_field,
-                       context_field=context_field)
+                       context_field=context_field, need_response=not prompts_only)
     if out_dir is not None:
         check_writable(out_dir, what="output folder", folder=True)
     owner = out_dir is not None and world().is_main  # one writer per folder: the main process holds the lock
@@ -176,8 +178,11 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
         check_pair_loss(pair, loss)
         pair.student.float().requires_grad_(True)
         dataset, teacher_side = _training_data(pair, source, template=template, max_length=max_length, limit=limit,
-                                               truncate=truncate)
+                                               truncate=truncate, need_response=not prompts_only)
         train, evaluation = split_data(dataset, eval_size=eval_split_size(eval_size, len(dataset)), seed=seed)
+        evaluation, references = teacher_references(pair.teacher, evaluation, tokenizer=pair.tokenizer,
+                                                    context=pair.context(max_length), pad=pad_id(pair.tokenizer),
+                                                    max_new_tokens=args.rollout_max_new_tokens)
         trainer = DistillTrainer(model=pair.student, source=teacher_side, args=args, train_dataset=train,
                                  eval_dataset=evaluation, processing_class=pair.tokenizer, vocab_size=pair.vocab_size,
                                  callbacks=callbacks, generation_context=pair.context(max_length))
@@ -190,6 +195,8 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
         probes = _probes(trainer, pair, evaluation, probe_data, probe_every, out_dir, limit=limit, template=template,
                          max_length=max_length) if probe_every else None
         result = _train(trainer, pair, dataset, out_dir, checkpoint)
+        if references:
+            result.settings.update(eval_references_by_teacher=references)
         if probes is not None:
             result.probe_seconds, result.trajectory = probes.seconds, probes.trajectory
             result.settings.update(probe_every=probe_every, probe_data=probes.meta["probe_data"])
@@ -202,12 +209,13 @@ def distill(teacher, student, data, *, loss: str = "atkd", steps: int = 300, out
 
 
 def _training_data(pair: ModelPair, source, *, template: str, max_length: int | None, limit: int | None,
-                   truncate: bool) -> tuple[TokenDataset, Teacher]:
+                   truncate: bool, need_response: bool = True) -> tuple[TokenDataset, Teacher]:
     """(the examples, the teacher the trainer asks): the student's tokenization and the pair's teacher, or for a
-    pair across tokenizers examples built for both tokenizers and an `AlignedTeacher`."""
+    pair across tokenizers examples built for both tokenizers and an `AlignedTeacher`. Without `need_response`
+    (every step generates its responses) a record may be a prompt alone."""
     if not pair.cross_tokenizer:
         return tokenize(source, pair.tokenizer, max_length=pair.context(max_length), limit=limit, template=template,
-                        truncate=truncate), pair.source
+                        truncate=truncate, need_response=need_response), pair.source
     dataset = aligned_dataset(pair, source, template=template, max_length=max_length, limit=limit, truncate=truncate)
     return dataset, AlignedTeacher(pair.teacher, vocabulary=pair.vocabulary, name=pair.teacher_name,
                                    tokenizer=pair.teacher_tokenizer)
