@@ -137,6 +137,8 @@ def test_held_out_references_of_prompts_are_the_teachers_greedy_continuations(pa
     prompts = tokenize(read_data(PROMPTS[:3], need_response=False), pair.tokenizer, max_length=64, template="auto",
                        need_response=False)
     assert all(set(example.labels) == {-100} for example in prompts)
+    from kdviz.train import split_data
+    assert {part.template for part in split_data(prompts, eval_size=1)} == {prompts.template}  # rollouts' stop ids
     written, count = teacher_references(pair.teacher, prompts, tokenizer=pair.tokenizer, context=64, max_new_tokens=6,
                                         pad=pad_id(pair.tokenizer))
     assert count == 3 and written.template == prompts.template
