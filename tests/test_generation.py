@@ -137,3 +137,34 @@ def test_prompt_only_records_get_the_same_generated_rows_and_no_data_rows(pair, 
         kdviz.analyze(pair, prompts, progress=False)  # without generate, a record needs its response
     with pytest.raises(ValueError, match="response is empty.*--generate"):
         kdviz.analyze(pair, [full[0], prompts[2]], progress=False)
+
+
+def test_generated_analysis_under_two_processes_equals_one_process(pair, tmp_path):
+    """Under torchrun rank 0 writes the responses (sampled, 2 a prompt) and both ranks analyse their share
+    (the module's pair: zoo:teacher-s -> zoo:student)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import kdviz
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {i} twice.", "response": f"{i} {i}"}) + "\n"
+                            for i in range(5)))
+    one = kdviz.analyze(pair, str(data), generate="student", cache=False, cache_dir=tmp_path / "one", progress=False,
+                        sampling=Sampling(max_new_tokens=6, samples_per_prompt=2, seed=3)).df
+    out = tmp_path / "two.parquet"
+    env = {**os.environ, "KDVIZ_CACHE_DIR": str(tmp_path / "two"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "kdviz", "analyze", "--teacher", "zoo:teacher-s", "--student", "zoo:student",
+                           "--data", str(data), "--out", str(out), "--device", "cpu",
+                           "--generate", "student", "--max-new-tokens", "6", "--samples-per-prompt", "2", "--seed",
+                           "3", "--part-tokens", "20"], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = kdviz.TokenTable.load(out).df
+    assert (one["response_from"] == "student").sum() > 0
+    for column in ("doc_id", "position", "token_id", "response_from", "sample", "hard"):
+        assert one[column].to_list() == two[column].to_list(), column  # the same responses, rows and split
+    for column in ("unc", "kl", "rkl", "tkd", "dkd"):
+        assert (one[column] - two[column]).abs().max() < 1e-4, column
