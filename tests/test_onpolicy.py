@@ -121,6 +121,12 @@ def test_prompt_only_data_trains_when_every_step_generates_and_the_teacher_write
     assert result.settings["eval_references_by_teacher"] == 4
     assert result.before.tokens > 0 and result.before.loss > 0 and result.after.loss > 0
     assert result.before.rouge_l is not None and result.before.agreement is not None
+    cut = run(on_policy=1.0, out_dir=tmp_path / "cut", callbacks=[InterruptAt(1)])
+    assert cut.interrupted and cut.steps_done == 1
+    resumed = run(on_policy=1.0, out_dir=tmp_path / "cut", resume_from_checkpoint=True)  # the references again
+    assert resumed.before == result.before and resumed.after.loss == pytest.approx(result.after.loss, rel=1e-5)
+    whole, again = weights(tmp_path / "student"), weights(tmp_path / "cut")
+    assert all(torch.allclose(whole[k], again[k], rtol=0, atol=1e-6) for k in whole)
     sequence = run(seq_kd=True, on_policy=0.5)  # the teacher writes whenever the student does not
     assert sequence.settings["steps_by_writer"]["data"] == 0 and sequence.before == result.before
     with pytest.raises(ValueError, match=r"no response.*--on-policy 1, --seq-kd"):
