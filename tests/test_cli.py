@@ -138,6 +138,7 @@ def test_distill_reads_prompt_only_records_when_every_step_generates(tmp_path, m
     assert "no response" in err and "--on-policy 1, --seq-kd" in err and "Traceback" not in err
     assert not (tmp_path / "half").exists()
     assert main([*base, "--on-policy", "1", "--out", str(tmp_path / "run")]) == 0
+    assert "held-out: 1 of 1 prompts had no response" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["settings"]["eval_references_by_teacher"] == 1 and metrics["before"]["tokens"] > 0
 

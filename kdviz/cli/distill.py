@@ -96,6 +96,9 @@ def run(args) -> None:
     if result.before.agreement is None:
         print("(agreement: n/a, the teacher's and the student's tokenizers differ, so their top tokens are not "
               "comparable id by id)")
+    if result.settings.get("eval_references_by_teacher"):
+        print(f"(held-out: {result.settings['eval_references_by_teacher']} of {result.settings['eval_examples']} "
+              "prompts had no response; the scores above are against the teacher's greedy responses to them)")
     if "generation_seconds" in result.settings:
         s = result.settings
         share = s["generation_seconds"] / max(result.train_seconds, 1e-9)
