@@ -157,6 +157,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.merge:
         settings, runs = merged(args.merge)
+        settings["out"] = args.out
         table = summary(pl.DataFrame(runs))
         report(table, conclusion(table, pl.DataFrame(runs)))
         write_json(Path(args.out), {"settings": settings, "runs": runs, "table": table.to_dicts(),
