@@ -45,6 +45,13 @@ def init(device: str | torch.device) -> World:
     return world()
 
 
+def leave() -> None:
+    """Leave the process group, joining its background threads, before the process exits (a process that exits
+    with a live gloo group can abort at teardown: "terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

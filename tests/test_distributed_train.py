@@ -316,14 +316,18 @@ def test_ranks_holding_other_data_are_refused_once(tmp_path):
     code, rank0, rank1 = torchrun_logs(tmp_path, str(HERE), "ranks_disagree")
     assert code != 0
     assert "do not hold the same data: rank(s) [1] differ from rank 0" in rank0 and "settings" not in rank0
-    assert rank1.strip() == "", rank1[-2000:]
+    # rank 1 says nothing of its own (the runtime's teardown line, if a race ever prints it, is not ours)
+    said = [line for line in rank1.splitlines() if line.strip() and "terminate called without an active" not in line]
+    assert said == [], rank1[-2000:]
 
 
 def test_a_pipe_as_data_is_refused_under_torchrun(model_dirs, tmp_path):
     command = distill_command(model_dirs, "/dev/stdin", tmp_path / "run")[2:]  # (without "python -m kdviz")
     code, rank0, rank1 = torchrun_logs(tmp_path, "-m", "kdviz", *command)
     assert code != 0 and "is a pipe or a device, and this run has 2 processes" in rank0
-    assert rank1.strip() == "", rank1[-2000:]
+    # rank 1 says nothing of its own (the runtime's teardown line, if a race ever prints it, is not ours)
+    said = [line for line in rank1.splitlines() if line.strip() and "terminate called without an active" not in line]
+    assert said == [], rank1[-2000:]
 
 
 WORKERS = {"train_layouts": train_layouts, "fsdp_heads": fsdp_heads, "rank_zero_fails": rank_zero_fails,

@@ -9,7 +9,7 @@ import warnings
 
 from kdviz.cli import analyze, cache, compare, demo, distill, zoo
 from kdviz.cli.options import EPILOG
-from kdviz.distributed import SharedError, is_peer_failure, world
+from kdviz.distributed import SharedError, is_peer_failure, leave, world
 from kdviz.files import KdvizWarning
 
 
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         signal.signal(signal.SIGTERM, previous)
+        leave()
     return 0
 
 
