@@ -41,9 +41,19 @@ def child_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent.parent)}
 
 
+TEARDOWN = "terminate called without an active exception"  # C++ std::terminate, at a process's exit
+
+
 def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """A 2-process torchrun of this file's workers. A run that failed with a process aborting at exit with the C++
+    runtime's teardown line (a race between gloo's threads and interpreter shutdown, pytorch/pytorch#190489; seen
+    twice in CI's lowest-versions job, never reproduced here) runs once more; any other failure, or the same one
+    twice, fails the test."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=child_env())
+    for attempt in (1, 2):
+        done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=child_env())
+        if done.returncode == 0 or TEARDOWN not in done.stdout + done.stderr:
+            break
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return done
 
@@ -317,7 +327,7 @@ def test_ranks_holding_other_data_are_refused_once(tmp_path):
     assert code != 0
     assert "do not hold the same data: rank(s) [1] differ from rank 0" in rank0 and "settings" not in rank0
     # rank 1 says nothing of its own (the runtime's teardown line, if a race ever prints it, is not ours)
-    said = [line for line in rank1.splitlines() if line.strip() and "terminate called without an active" not in line]
+    said = [line for line in rank1.splitlines() if line.strip() and TEARDOWN not in line]
     assert said == [], rank1[-2000:]
 
 
@@ -326,7 +336,7 @@ def test_a_pipe_as_data_is_refused_under_torchrun(model_dirs, tmp_path):
     code, rank0, rank1 = torchrun_logs(tmp_path, "-m", "kdviz", *command)
     assert code != 0 and "is a pipe or a device, and this run has 2 processes" in rank0
     # rank 1 says nothing of its own (the runtime's teardown line, if a race ever prints it, is not ours)
-    said = [line for line in rank1.splitlines() if line.strip() and "terminate called without an active" not in line]
+    said = [line for line in rank1.splitlines() if line.strip() and TEARDOWN not in line]
     assert said == [], rank1[-2000:]
 
 
