@@ -142,6 +142,11 @@ def generate_responses(model, prompts: list[list[int]], settings: Sampling, *, s
     return [[found[(i, k)] for k in range(settings.samples_per_prompt)] for i in range(len(prompts))]
 
 
+def answered(prompt: list[int], response: list[int], source: str, *, origin: str, sample: int = 0) -> Example:
+    """The prompt followed by `response`, whose tokens are the targets (written by `origin`)."""
+    return Example(prompt + response, [IGNORE_INDEX] * len(prompt) + response, source, origin=origin, sample=sample)
+
+
 def with_responses(dataset: TokenDataset, responses: list[list[list[int]]], *, origin: str,
                    keep_data: bool = False) -> TokenDataset:
     """The examples' prompts with the generated responses as targets (one example per prompt and sample); with
@@ -153,8 +158,7 @@ def with_responses(dataset: TokenDataset, responses: list[list[list[int]]], *, o
             examples.append(example)
         for k, response in enumerate(samples):
             if response:
-                examples.append(Example(prompt + response, [IGNORE_INDEX] * len(prompt) + response,
-                                        f"{example.source}#{origin}{k}", origin=origin, sample=k))
+                examples.append(answered(prompt, response, f"{example.source}#{origin}{k}", origin=origin, sample=k))
     what = f"the data's responses and the {origin}'s" if keep_data else f"responses by the {origin}"
     return TokenDataset(examples, f"{dataset.description}, {what}", dataset.template)
 

@@ -19,7 +19,7 @@ import torch
 import xxhash
 
 from kdviz.data import IGNORE_INDEX, Example, TokenDataset, stop_ids
-from kdviz.generation import Sampling, generate_responses, prompt_of
+from kdviz.generation import Sampling, answered, generate_responses, prompt_of
 
 
 @dataclass
@@ -81,7 +81,7 @@ class Rollouts:
             prompts = [prompt_of(ex) for ex in examples]
             responses = generate_responses(model, prompts, settings, stop_ids=self.stop, pad_id=self.pad,
                                            context=self.context)
-            new = [Example(p + r[0], [IGNORE_INDEX] * len(p) + r[0], "") if r[0] else ex
+            new = [answered(p, r[0], "", origin=writer) if r[0] else ex
                    for ex, p, r in zip(examples, prompts, responses)]  # no room left: the data's response
             written += sum(1 for r in responses if r[0])
             tokens += sum(len(r[0]) for r in responses)
@@ -118,8 +118,6 @@ def teacher_references(teacher, dataset: TokenDataset, *, tokenizer, context: in
                                    context=context)
     examples = list(dataset)
     for i, (response,) in zip(missing, responses):
-        prompt = examples[i].input_ids
-        examples[i] = Example(prompt + response, [IGNORE_INDEX] * len(prompt) + response, examples[i].source,
-                              origin="teacher")
+        examples[i] = answered(examples[i].input_ids, response, examples[i].source, origin="teacher")
     return TokenDataset(examples, f"{dataset.description}, {len(missing)} references written by the teacher (greedy)",
                         template=dataset.template), len(missing)
