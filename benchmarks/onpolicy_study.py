@@ -157,11 +157,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.merge:
         settings, runs = merged(args.merge)
-        settings["out"] = args.out
-        table = summary(pl.DataFrame(runs))
-        report(table, conclusion(table, pl.DataFrame(runs)))
-        write_json(Path(args.out), {"settings": settings, "runs": runs, "table": table.to_dicts(),
-                                    "conclusion": conclusion(table, pl.DataFrame(runs))}, quiet=True)
+        report(*write_result(Path(args.out), {**settings, "out": args.out}, runs))
         return
     runs = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -169,10 +165,18 @@ def main() -> None:
             for name in args.configs:
                 runs.append(one_run(name, seed, args, Path(scratch) / f"{name.replace(' ', '_')}-{seed}"))
                 print(runs[-1], flush=True)
-                table = summary(pl.DataFrame(runs))
-                write_json(Path(args.out), {"settings": vars(args), "runs": runs, "table": table.to_dicts(),
-                                            "conclusion": conclusion(table, pl.DataFrame(runs))}, quiet=True)
-    report(table, conclusion(table, pl.DataFrame(runs)))
+                written = write_result(Path(args.out), vars(args), runs)  # after every run: a cut study keeps them
+    report(*written)
+
+
+def write_result(path: Path, settings: dict, runs: list[dict]) -> tuple[pl.DataFrame, str]:
+    """Write the runs, their table and conclusion to `path`; (the table, the conclusion)."""
+    frame = pl.DataFrame(runs)
+    table = summary(frame)
+    sentence = conclusion(table, frame)
+    write_json(path, {"settings": settings, "runs": runs, "table": table.to_dicts(), "conclusion": sentence},
+               quiet=True)
+    return table, sentence
 
 
 def report(table: pl.DataFrame, sentence: str) -> None:

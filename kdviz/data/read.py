@@ -144,6 +144,10 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+PROMPT_ONLY_READERS = ("analyze --generate student|teacher, distill --on-policy 1 and distill --seq-kd read prompt-only "
+                       "records")
+
+
 def _detect_layout(record: dict, where: str, need_response: bool = True) -> tuple[str, str | None, str]:
     for prompt, context, response in LAYOUTS.values():
         if prompt in record and response in record:
@@ -231,8 +235,7 @@ def _response(record: dict, name: str, where: str, need_response: bool) -> str:
     response = _string_field(record, name, where)
     if not response.strip() and need_response:
         raise ValueError(f"{where}: the response is empty; every record needs a response to use as targets (or let "
-                         "a model write them: analyze --generate student|teacher, distill --on-policy 1 and distill --seq-kd "
-                         "read prompt-only records).")
+                         f"a model write them: {PROMPT_ONLY_READERS}).")
     return response if response.strip() else ""
 
 

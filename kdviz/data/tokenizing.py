@@ -11,7 +11,8 @@ import warnings
 
 from kdviz.corpus import Corpus, docstring_pairs, topic_pairs
 from kdviz.data.examples import IGNORE_INDEX, Example, TokenDataset, nonempty
-from kdviz.data.read import ZOO_DATASETS, Fields, Record, Source, make_records, read_data, read_path
+from kdviz.data.read import (PROMPT_ONLY_READERS, ZOO_DATASETS, Fields, Record, Source, make_records, read_data,
+                             read_path)
 from kdviz.data.templates import Formatted, check_template, format_record, resolve_template
 from kdviz.files import expand
 
@@ -34,8 +35,7 @@ def pair_example(tokenizer, formatted: Formatted, *, max_length: int, where: str
     if not formatted.response_text.strip():
         if need_response:
             raise ValueError(f"{where}: the response is empty; every record needs a response to use as targets (or "
-                             "let a model write them: analyze --generate student|teacher, distill --on-policy 1 and distill "
-                             "--seq-kd read prompt-only records).")
+                             f"let a model write them: {PROMPT_ONLY_READERS}).")
         if len(prompt_ids) >= max_length - 1:
             raise ValueError(f"{where}: the prompt alone is {len(prompt_ids)} tokens, and the context is {max_length} "
                              "tokens, so no response token fits. Use a longer --max-length or drop the record.")
